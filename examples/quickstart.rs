@@ -1,0 +1,2 @@
+//! A short tour of raceguard on in-memory backends: `cargo run --example quickstart`.
+fn main() {}
