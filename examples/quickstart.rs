@@ -25,8 +25,16 @@ fn keys() -> Result<(), raceguard::Error> {
     let alice = UserId::new("alice")?;
     let mallory = UserId::new("*}:{alice")?; // an attempt to forge a pattern and a hash tag
 
-    let a = Key::builder("chat")?.owner(&alice).part("history").part(50u32).build()?;
-    let m = Key::builder("chat")?.owner(&mallory).part("history").part(50u32).build()?;
+    let a = Key::builder("chat")?
+        .owner(&alice)
+        .part("history")
+        .part(50u32)
+        .build()?;
+    let m = Key::builder("chat")?
+        .owner(&mallory)
+        .part("history")
+        .part(50u32)
+        .build()?;
     println!("  alice   -> {a}  (slot {})", a.slot());
     println!("  mallory -> {m}  (slot {})", m.slot());
     assert_ne!(a, m);
@@ -34,7 +42,10 @@ fn keys() -> Result<(), raceguard::Error> {
     // Every key decodes back to exactly what built it.
     let decoded = Key::decode(m.as_str())?;
     assert_eq!(decoded.owner.as_deref(), Some("*}:{alice"));
-    println!("  decoded mallory's owner back: {:?}", decoded.owner.unwrap());
+    println!(
+        "  decoded mallory's owner back: {:?}",
+        decoded.owner.unwrap()
+    );
 
     // Bad input is a typed error, never a panic or a corrupted key.
     match UserId::new("") {

@@ -22,8 +22,8 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::Arc;
+use crate::sync::atomic::{AtomicU64, Ordering};
 
 /// A monotonic source of nanoseconds.
 ///

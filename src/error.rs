@@ -233,11 +233,7 @@ impl Error {
     /// let err = raceguard::Error::backend("redis", true, io);
     /// assert!(err.is_retryable());
     /// ```
-    pub fn backend(
-        backend: &'static str,
-        retryable: bool,
-        source: impl Into<BoxError>,
-    ) -> Self {
+    pub fn backend(backend: &'static str, retryable: bool, source: impl Into<BoxError>) -> Self {
         Error::Backend {
             backend,
             retryable,
@@ -348,7 +344,11 @@ mod tests {
     #[test]
     fn kinds_and_retryability() {
         let cases: Vec<(Error, ErrorKind, bool)> = vec![
-            (Error::invalid("user_id", "empty"), ErrorKind::InvalidInput, false),
+            (
+                Error::invalid("user_id", "empty"),
+                ErrorKind::InvalidInput,
+                false,
+            ),
             (
                 Error::backend("redis", false, "WRONGPASS"),
                 ErrorKind::Backend,

@@ -51,6 +51,10 @@
 pub mod clock;
 mod error;
 pub mod keys;
+pub mod once;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub(crate) mod sync;
 
 #[cfg(feature = "test-util")]
@@ -62,3 +66,4 @@ mod tests;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, ErrorKind, Result, SessionError};
+pub use once::{InitError, OnceInit, Refreshable, SingleFlight};

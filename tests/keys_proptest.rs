@@ -75,7 +75,9 @@ fn build(c: &Components) -> Key {
 
 /// The characters that must never appear unescaped in an encoded component.
 fn is_forbidden_raw(c: char) -> bool {
-    matches!(c, ':' | '*' | '?' | '[' | ']' | '\\' | '{' | '}') || c.is_control() || c.is_whitespace()
+    matches!(c, ':' | '*' | '?' | '[' | ']' | '\\' | '{' | '}')
+        || c.is_control()
+        || c.is_whitespace()
 }
 
 proptest! {

@@ -76,9 +76,13 @@ impl std::fmt::Display for UnescapeError {
             UnescapeError::RawMetacharacter(c) => {
                 write!(f, "character {c:?} must be escaped")
             }
-            UnescapeError::BadEscape => f.write_str("'%' must be followed by two uppercase hex digits"),
+            UnescapeError::BadEscape => {
+                f.write_str("'%' must be followed by two uppercase hex digits")
+            }
             UnescapeError::NotUtf8 => f.write_str("escapes do not decode to UTF-8"),
-            UnescapeError::NonCanonical => f.write_str("escape of a character that is never escaped"),
+            UnescapeError::NonCanonical => {
+                f.write_str("escape of a character that is never escaped")
+            }
         }
     }
 }
@@ -164,8 +168,16 @@ mod tests {
         assert_eq!(unescape("%4"), Err(UnescapeError::BadEscape));
         assert_eq!(unescape("%3a"), Err(UnescapeError::BadEscape));
         assert_eq!(unescape("%zz"), Err(UnescapeError::BadEscape));
-        assert_eq!(unescape("%41"), Err(UnescapeError::NonCanonical), "'A' is never escaped");
+        assert_eq!(
+            unescape("%41"),
+            Err(UnescapeError::NonCanonical),
+            "'A' is never escaped"
+        );
         assert_eq!(unescape("%FF"), Err(UnescapeError::NotUtf8));
-        assert_eq!(unescape("%C3%A9"), Err(UnescapeError::NonCanonical), "é stays raw");
+        assert_eq!(
+            unescape("%C3%A9"),
+            Err(UnescapeError::NonCanonical),
+            "é stays raw"
+        );
     }
 }

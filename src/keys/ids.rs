@@ -160,7 +160,10 @@ mod tests {
         assert!(UserId::new("x".repeat(256)).is_ok());
         assert!(matches!(
             "".parse::<UserId>(),
-            Err(Error::InvalidInput { what: "user_id", .. })
+            Err(Error::InvalidInput {
+                what: "user_id",
+                ..
+            })
         ));
     }
 

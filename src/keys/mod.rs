@@ -135,7 +135,9 @@ macro_rules! display_part {
         }
     )*};
 }
-display_part!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, bool, char);
+display_part!(
+    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, bool, char
+);
 
 /// An encoded, validated Redis key.
 ///
@@ -323,7 +325,8 @@ impl KeyBuilder {
         if self.owner_set {
             self.misuse.get_or_insert("owner set twice");
         } else if self.parts > 0 {
-            self.misuse.get_or_insert("owner must come before the parts");
+            self.misuse
+                .get_or_insert("owner must come before the parts");
         } else {
             self.owner_set = true;
             self.buf.push(SEPARATOR);
@@ -410,7 +413,13 @@ mod tests {
 
     #[test]
     fn layout_is_namespace_owner_parts() {
-        let k = Key::builder("chat").unwrap().owner(&user("a")).part("h").part(5u8).build().unwrap();
+        let k = Key::builder("chat")
+            .unwrap()
+            .owner(&user("a"))
+            .part("h")
+            .part(5u8)
+            .build()
+            .unwrap();
         assert_eq!(k.as_str(), "chat:{a}:h:5");
         let k = Key::builder("global").unwrap().part("x").build().unwrap();
         assert_eq!(k.as_str(), "global:x");
@@ -421,27 +430,73 @@ mod tests {
     fn hostile_ids_cannot_forge_another_users_key() {
         // The seed-001 shape: chat:history:<user>:50:0. A user id of
         // "B:50:0" must not produce user B's key.
-        let forged = Key::builder("chat").unwrap().part("history").part("B:50:0").build().unwrap();
-        let real = Key::builder("chat").unwrap().part("history").part("B").part(50u8).part(0u8).build().unwrap();
+        let forged = Key::builder("chat")
+            .unwrap()
+            .part("history")
+            .part("B:50:0")
+            .build()
+            .unwrap();
+        let real = Key::builder("chat")
+            .unwrap()
+            .part("history")
+            .part("B")
+            .part(50u8)
+            .part(0u8)
+            .build()
+            .unwrap();
         assert_ne!(forged, real);
         // An owner that tries to close the tag and open another.
-        let evil = Key::builder("c").unwrap().owner(&user("x}:{victim")).build().unwrap();
+        let evil = Key::builder("c")
+            .unwrap()
+            .owner(&user("x}:{victim"))
+            .build()
+            .unwrap();
         assert_eq!(hash_tag(evil.as_str().as_bytes()), b"x%7D%3A%7Bvictim");
-        let victim = Key::builder("c").unwrap().owner(&user("victim")).build().unwrap();
+        let victim = Key::builder("c")
+            .unwrap()
+            .owner(&user("victim"))
+            .build()
+            .unwrap();
         assert_ne!(evil.slot(), victim.slot());
     }
 
     #[test]
     fn builder_misuse_and_limits_are_typed_errors() {
-        let e = Key::builder("n").unwrap().part("p").owner(&user("u")).build().unwrap_err();
-        assert_eq!(e.to_string(), "invalid key: owner must come before the parts");
-        let e = Key::builder("n").unwrap().owner(&user("u")).owner(&user("v")).build().unwrap_err();
+        let e = Key::builder("n")
+            .unwrap()
+            .part("p")
+            .owner(&user("u"))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid key: owner must come before the parts"
+        );
+        let e = Key::builder("n")
+            .unwrap()
+            .owner(&user("u"))
+            .owner(&user("v"))
+            .build()
+            .unwrap_err();
         assert_eq!(e.to_string(), "invalid key: owner set twice");
-        let e = Key::builder("n").unwrap().part("*".repeat(2000)).build().unwrap_err();
+        let e = Key::builder("n")
+            .unwrap()
+            .part("*".repeat(2000))
+            .build()
+            .unwrap_err();
         assert!(e.to_string().contains("at most 4096"), "{e}");
         for ns in ["", "a:b", "a{b", "a*", "ü", &"n".repeat(65)] {
             let e = Key::builder(ns).unwrap_err();
-            assert!(matches!(e, Error::InvalidInput { what: "key.namespace", .. }), "{ns:?}: {e}");
+            assert!(
+                matches!(
+                    e,
+                    Error::InvalidInput {
+                        what: "key.namespace",
+                        ..
+                    }
+                ),
+                "{ns:?}: {e}"
+            );
         }
     }
 

@@ -18,12 +18,11 @@ const CRC16: Crc<u16> = Crc::<u16>::new(&CRC_16_XMODEM);
 /// assert_eq!(hash_tag(b"a{}b{c}"), b"a{}b{c}", "an empty first tag means no tag");
 /// ```
 pub fn hash_tag(key: &[u8]) -> &[u8] {
-    if let Some(open) = key.iter().position(|&b| b == b'{') {
-        if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {
-            if len > 0 {
-                return &key[open + 1..open + 1 + len];
-            }
-        }
+    if let Some(open) = key.iter().position(|&b| b == b'{')
+        && let Some(len) = key[open + 1..].iter().position(|&b| b == b'}')
+        && len > 0
+    {
+        return &key[open + 1..open + 1 + len];
     }
     key
 }

@@ -108,7 +108,9 @@ pub enum HarnessError {
     },
 
     /// `redis-server` exited early or never answered `PING`.
-    #[error("redis-server on 127.0.0.1:{port} failed to start: {reason}\n--- log tail ---\n{log_tail}")]
+    #[error(
+        "redis-server on 127.0.0.1:{port} failed to start: {reason}\n--- log tail ---\n{log_tail}"
+    )]
     Start {
         /// The port it was started on.
         port: u16,

@@ -6,3 +6,9 @@
 
 #[cfg(raceguard_loom)]
 mod loom_clock;
+#[cfg(raceguard_loom)]
+mod loom_once;
+#[cfg(raceguard_loom)]
+mod loom_refresh;
+#[cfg(raceguard_loom)]
+mod loom_single_flight;

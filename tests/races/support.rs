@@ -82,7 +82,10 @@ impl Sequencer {
             .wait_timeout_while(guard, STEP_DEADLINE, |done| *done != step)
             .unwrap();
         if timeout.timed_out() {
-            panic!("schedule stuck: waited for step {step}, only {} steps done", *guard);
+            panic!(
+                "schedule stuck: waited for step {step}, only {} steps done",
+                *guard
+            );
         }
         Turn { seq: self, step }
     }
