@@ -14,3 +14,6 @@
 
 #[path = "races/support.rs"]
 mod support;
+
+#[path = "races/r05_connection_exhaustion.rs"]
+mod r05_connection_exhaustion;

@@ -522,6 +522,26 @@ pub(crate) fn map_redis_error(e: RedisError, op: &'static str, timeout: Duration
     if e.is_timeout() {
         return Error::Timeout { op, after: timeout };
     }
+    // Configuration and protocol mistakes do not fix themselves, whatever
+    // redis-rs's reconnect heuristics say.
+    let permanent = matches!(
+        e.kind(),
+        ::redis::ErrorKind::AuthenticationFailed
+            | ::redis::ErrorKind::InvalidClientConfig
+            | ::redis::ErrorKind::Client
+            | ::redis::ErrorKind::Parse
+            | ::redis::ErrorKind::UnexpectedReturnType
+    ) || matches!(
+        e.kind(),
+        ::redis::ErrorKind::Server(
+            ::redis::ServerErrorKind::NoPerm | ::redis::ServerErrorKind::ResponseError
+        )
+    ) || e
+        .code()
+        .is_some_and(|c| matches!(c, "NOAUTH" | "WRONGPASS" | "NOPERM" | "WRONGTYPE"));
+    if permanent {
+        return Error::backend("redis", false, e);
+    }
     let retryable = e.is_connection_dropped()
         || e.is_connection_refusal()
         || e.is_io_error()
