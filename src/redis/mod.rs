@@ -36,8 +36,12 @@ use ::redis::{Cmd, FromRedisValue, RedisError, RedisFuture, Script, Value};
 use crate::Error;
 
 mod pool;
+mod rate;
 
 pub use pool::DedicatedConnection;
+pub use rate::{
+    FailurePolicy, KeyLayout, RedisKeyedRateLimiter, RedisMultiLimit, RedisRateLimiter,
+};
 
 /// Timeouts and bounds of a [`RedisBackend`].
 ///

@@ -1,0 +1,128 @@
+-- raceguard GCRA on Redis: a line-by-line port of `src/rate/gcra.rs`
+-- (`decide` and `check_all`), so one semantics runs on two backends; a
+-- differential test feeds both the same inputs and compares every decision.
+--
+-- KEYS[i]   the cell (theoretical arrival time, decimal nanoseconds) of
+--           request i. A key may repeat: a later request sees the earlier
+--           ones' consumption, exactly as check_all does.
+-- ARGV[1]   ""  -> now = the server's TIME (app-server clock skew cannot
+--                  widen a limit; keys expire after their reset time)
+--           "N" -> now = N nanoseconds (explicit-time mode, for tests and
+--                  callers with their own clock; keys do not expire)
+-- ARGV[2]   "1" to consume (check), "0" to decide only (peek)
+-- ARGV[3i], ARGV[3i+1], ARGV[3i+2]  interval_ns, burst, cost of request i
+--
+-- Returns { all_allowed, allowed_1, backlog_1, retry_1, allowed_2, ... }.
+-- All-or-nothing: when any request is denied nothing is written.
+--
+-- Numbers: Lua 5.1 numbers are doubles, exact for integers below 2^53.
+-- Times (~1.7e18 ns) are not, so they are split into seconds and
+-- nanoseconds and only differences are formed; quotas are validated so that
+-- interval * burst <= 2^53.
+
+local E9 = 1000000000
+local MAX_DS = 9007199 -- seconds: MAX_DS * E9 < 2^53
+
+local function split(s)
+  local n = #s
+  if n <= 9 then
+    return 0, tonumber(s)
+  end
+  return tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8))
+end
+
+local function join(sec, ns)
+  if sec == 0 then
+    return string.format('%d', ns)
+  end
+  return string.format('%d%09d', sec, ns)
+end
+
+local now_s, now_ns
+local explicit = ARGV[1] ~= ''
+if explicit then
+  now_s, now_ns = split(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now_s = tonumber(t[1])
+  now_ns = tonumber(t[2]) * 1000
+end
+local write = ARGV[2] == '1'
+
+local cells = {}
+local function load(key)
+  local c = cells[key]
+  if c == nil then
+    local v = redis.call('GET', key)
+    if v then
+      local s, ns = split(v)
+      c = { s, ns }
+    else
+      c = { 0, 0 }
+    end
+    cells[key] = c
+  end
+  return c
+end
+
+local out = { 1 }
+local touched = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local base = 3 * i
+  local interval = tonumber(ARGV[base])
+  local window = interval * tonumber(ARGV[base + 1])
+  local cost = tonumber(ARGV[base + 2])
+  local c = load(key)
+
+  -- backlog = max(tat - now, 0), exactly
+  local ds = c[1] - now_s
+  local backlog
+  if ds < 0 or (ds == 0 and c[2] <= now_ns) then
+    backlog = 0
+  elseif ds > MAX_DS then
+    backlog = MAX_DS * E9 -- the clock went back by months: deny, capped
+  else
+    backlog = ds * E9 + (c[2] - now_ns)
+  end
+
+  local after = backlog + cost * interval
+  if after <= window then
+    if cost > 0 then
+      -- tat = now + after, carried in seconds and nanoseconds
+      local q = math.floor(after / E9)
+      local r = after - q * E9
+      if r < 0 then q = q - 1; r = r + E9 elseif r >= E9 then q = q + 1; r = r - E9 end
+      local ns = now_ns + r
+      local s = now_s + q
+      if ns >= E9 then s = s + 1; ns = ns - E9 end
+      c[1] = s
+      c[2] = ns
+      touched[key] = after
+    end
+    out[#out + 1] = 1
+    out[#out + 1] = after
+    out[#out + 1] = 0
+  else
+    out[1] = 0
+    out[#out + 1] = 0
+    out[#out + 1] = backlog
+    out[#out + 1] = after - window
+  end
+end
+
+if out[1] == 1 and write then
+  for key, reset in pairs(touched) do
+    local c = cells[key]
+    if explicit then
+      redis.call('SET', key, join(c[1], c[2]))
+    else
+      -- Expire when the cell is full again: an absent key decides exactly
+      -- like an idle one, so idle users cost nothing.
+      local px = math.floor(reset / 1000000) + 1
+      redis.call('SET', key, join(c[1], c[2]), 'PX', px)
+    end
+  end
+end
+
+return out
