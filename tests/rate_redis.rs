@@ -441,3 +441,54 @@ fn bad_input_is_typed() {
         assert!(ttl > 0 && ttl <= 1_001, "ttl {ttl}");
     });
 }
+
+#[test]
+fn a_flushed_script_cache_is_reloaded_transparently() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let redis = RedisBackend::connect(server.url(), config()).await.unwrap();
+        let lim = RedisRateLimiter::new(&redis, "flush", Quota::per_minute(3).unwrap()).unwrap();
+        assert!(lim.check().await.unwrap().allowed());
+        // What a failover to a fresh replica or a new cluster node looks
+        // like: the server no longer knows the script (NOSCRIPT).
+        let _: String = server.query(&["SCRIPT", "FLUSH"]).unwrap();
+        let d = lim.check().await.unwrap();
+        assert!(d.allowed());
+        assert_eq!(d.remaining(), 1, "state survived; the script was reloaded");
+    });
+}
+
+#[test]
+fn an_indeterminate_check_is_never_replayed() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let cfg = config().response_timeout(Duration::from_millis(200));
+        let redis = RedisBackend::connect(server.url(), cfg).await.unwrap();
+        let lim = RedisRateLimiter::new(&redis, "once", Quota::per_minute(10).unwrap()).unwrap();
+        lim.peek().await.unwrap(); // script loaded
+        server.pause().unwrap();
+        // The check is sent, then times out: it may run later, or never.
+        let err = lim.check().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        server.resume().unwrap();
+        let mut after = None;
+        for _ in 0..100 {
+            if let Ok(d) = lim.peek().await {
+                after = Some(d);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // reconnect backoff, not synchronisation
+        }
+        // A peek reports the remaining after one more cell: 9 if the timed
+        // out check never ran, 8 if it ran once; 7 would mean a replay.
+        let remaining = after.expect("server answers again").remaining();
+        assert!(
+            remaining == 9 || remaining == 8,
+            "remaining {remaining}: the timed-out check ran more than once"
+        );
+    });
+}
