@@ -167,12 +167,13 @@ return 1
             .args(["-c", "64", "-P", "1", "-t", "set", "-n", "200000", "-q"])
             .output()
         {
-            Ok(out) => println!(
-                "redis-benchmark -c 64 -P 1 -t set: {}",
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .replace('\r', " ")
-            ),
+            Ok(out) => {
+                // redis-benchmark redraws its progress line with '\r'; the
+                // summary is the last segment.
+                let text = String::from_utf8_lossy(&out.stdout);
+                let summary = text.rsplit('\r').next().unwrap_or("").trim();
+                println!("redis-benchmark -c 64 -P 1 -t set: {summary}");
+            }
             Err(e) => println!("redis-benchmark not run: {e}"),
         }
     }
