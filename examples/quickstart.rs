@@ -15,6 +15,8 @@ use raceguard::keys::{Key, UserId};
 fn main() -> Result<(), raceguard::Error> {
     keys()?;
     clocks();
+    once_and_single_flight()?;
+    rate_limiting()?;
     println!("\nquickstart: all sections ran");
     Ok(())
 }
@@ -61,4 +63,148 @@ fn clocks() {
     let clock = ManualClock::new();
     clock.advance(Duration::from_millis(1500));
     println!("  manual clock after advance(1.5s): {:?}", clock.now());
+}
+
+/// One-shot work: a global client created once (R11, R12) and one external
+/// login per burst of webhooks (R09), with errors shared instead of stampeded.
+fn once_and_single_flight() -> Result<(), raceguard::Error> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use raceguard::once::{OnceInit, SingleFlight};
+
+    println!("== OnceInit and SingleFlight: shared work runs once for concurrent callers");
+    static CLIENT: OnceInit<String, std::io::Error> = OnceInit::new();
+    let logins: SingleFlight<&str, String, std::io::Error> = SingleFlight::new();
+    let (connects, login_calls) = (AtomicUsize::new(0), AtomicUsize::new(0));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        // Three requests race for the lazy global client: one connects.
+        let connect = || async {
+            connects.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            Ok("db-client#1".to_string())
+        };
+        let (a, b, c) = tokio::join!(
+            CLIENT.get_or_try_init(connect),
+            CLIENT.get_or_try_init(connect),
+            CLIENT.get_or_try_init(connect),
+        );
+        let (a, b, c) = (a?, b?, c?);
+        let n = connects.load(Ordering::SeqCst);
+        println!("  3 requests, {n} connect: {a}");
+        assert!(std::ptr::eq(a, b) && std::ptr::eq(b, c));
+
+        // Three webhooks need the same external session: one login.
+        let login = || async {
+            login_calls.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            Ok("session-cookie".to_string())
+        };
+        let (x, y, z) = tokio::join!(
+            logins.run("mam", login),
+            logins.run("mam", login),
+            logins.run("mam", login),
+        );
+        let (x, y, z) = (x?, y?, z?);
+        let n = login_calls.load(Ordering::SeqCst);
+        println!("  3 webhooks, {n} login: {x}");
+        assert!(x == y && y == z);
+
+        // A failing initializer: its waiters share one error; the cell stays empty.
+        let cell: OnceInit<u32, std::io::Error> = OnceInit::new();
+        let err = cell
+            .get_or_try_init(|| async { Err(std::io::Error::other("database down")) })
+            .await
+            .unwrap_err();
+        let empty = cell.get().is_none();
+        println!("  failed init, cell still empty ({empty}): {err}");
+        Ok::<(), raceguard::Error>(())
+    })
+}
+
+/// Rate limiting: one shared limiter instead of a dict per worker (R07) or a
+/// `last_api_call` per coordinator (R08).
+fn rate_limiting() -> Result<(), raceguard::Error> {
+    use raceguard::rate::{KeyedRateLimiter, MultiLimit, Quota, RateLimiter, TokioClock};
+
+    println!("== rate limiting: one shared limiter, per-user quotas, all-or-nothing multi-limits");
+    let clock = ManualClock::new();
+    // Per user: 30 per minute (premium: 300), at most 100,000 users tracked.
+    let per_user = KeyedRateLimiter::<UserId, _>::builder(Quota::per_minute(30)?)
+        .clock(clock.clone())
+        .max_keys(100_000)
+        .quota_resolver(|user: &UserId| {
+            let n = if user.as_str().starts_with("premium-") {
+                300
+            } else {
+                30
+            };
+            Quota::per_minute(n).expect("a valid quota")
+        })
+        .build()?;
+    let alice = UserId::new("alice")?;
+    let admitted = (0..40)
+        .filter(|_| matches!(per_user.check(&alice), Ok(d) if d.allowed()))
+        .count();
+    let d = per_user.check(&alice)?;
+    println!(
+        "  alice: {admitted} of 40 admitted; next: limit {}, remaining {}, retry after {:?}",
+        d.limit(),
+        d.remaining(),
+        d.retry_after()
+    );
+
+    // A request must pass the user's, the route's and the global limit, or
+    // consume none of them.
+    let per_route = KeyedRateLimiter::<&str, _>::builder(Quota::per_second(100)?)
+        .clock(clock.clone())
+        .build()?;
+    let global = RateLimiter::with_clock(Quota::per_second(2)?, clock.clone());
+    let bob = UserId::new("bob")?;
+    for i in 1..=3 {
+        let d = MultiLimit::new()
+            .keyed("user", &per_user, &bob)
+            .keyed("route", &per_route, &"/chat")
+            .direct("global", &global)
+            .check()?;
+        match d.denied_by() {
+            None => println!("  request {i}: allowed, {} left", d.remaining()),
+            Some(limit) => println!(
+                "  request {i}: denied by {limit}, retry after {:?}; bob's own limit untouched ({} left)",
+                d.retry_after(),
+                per_user.peek_n(&bob, 0)?.remaining()
+            ),
+        }
+    }
+
+    // Fair waiting: coordinators share one outbound throttle and queue for
+    // it in order (Tokio's paused clock: no real waiting here).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let audnex = std::sync::Arc::new(RateLimiter::with_clock(
+            Quota::with_interval(Duration::from_millis(500))?,
+            TokioClock::new(),
+        ));
+        let calls: Vec<_> = (0..3)
+            .map(|webhook| {
+                let audnex = audnex.clone();
+                tokio::spawn(async move {
+                    audnex.until_ready().await?;
+                    Ok::<_, raceguard::Error>((webhook, audnex.clock().now()))
+                })
+            })
+            .collect();
+        for call in calls {
+            let (webhook, at) = call.await.expect("task")?;
+            println!("  webhook {webhook} called the API at {at:?}");
+        }
+        Ok(())
+    })
 }

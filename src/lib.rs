@@ -51,7 +51,9 @@
 pub mod clock;
 mod error;
 pub mod keys;
+pub mod lock;
 pub mod once;
+pub mod rate;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
@@ -66,4 +68,6 @@ mod tests;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, ErrorKind, Result, SessionError};
+pub use lock::{FencingToken, LockGuard, LockManager, LockName, LockOptions};
 pub use once::{InitError, OnceInit, Refreshable, SingleFlight};
+pub use rate::{Decision, KeyedRateLimiter, MultiLimit, Quota, RateLimiter};

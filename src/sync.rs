@@ -73,6 +73,14 @@ impl<T> Mutex<T> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The value, consuming the mutex (never reports poisoning).
+    #[allow(dead_code)]
+    pub(crate) fn into_inner(self) -> T {
+        self.0
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// [`Mutex::new`] in `const` contexts (statics). Only in std builds:
     /// loom's types cannot be built in a `const` context.
     #[cfg(not(raceguard_loom))]
@@ -146,4 +154,24 @@ impl<T> OnceValue<T> {
         self.published.store(true, atomic::Ordering::Release);
         value
     }
+}
+
+/// A process-unique id, increasing in creation order (under loom: per
+/// execution, so models stay deterministic). Used only to rank locks that are
+/// taken together (multi-limit checks lock in id order, where addresses would
+/// vary between loom executions); never part of a decision.
+#[cfg(not(raceguard_loom))]
+pub(crate) fn next_id() -> u64 {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// See the std version.
+#[cfg(raceguard_loom)]
+pub(crate) fn next_id() -> u64 {
+    loom::lazy_static! {
+        // Reset by loom for every execution.
+        static ref NEXT_ID: loom::sync::atomic::AtomicU64 = loom::sync::atomic::AtomicU64::new(0);
+    }
+    NEXT_ID.fetch_add(1, loom::sync::atomic::Ordering::Relaxed)
 }

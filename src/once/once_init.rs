@@ -439,6 +439,11 @@ impl<T, E> OnceInit<T, E> {
             "released an attempt it did not run"
         );
         st.running = None;
+        let wakers = if outcome.is_some() {
+            st.waiters.drain_wakers()
+        } else {
+            st.waiters.take_wakers()
+        };
         let result = outcome.map(|out| match out {
             Ok(v) => {
                 let mut v = Some(v);
@@ -456,7 +461,6 @@ impl<T, E> OnceInit<T, E> {
                 Err(error)
             }
         });
-        let wakers = st.waiters.take_wakers();
         let blocked = st.blocked > 0;
         drop(st);
         shared::wake_all(wakers);

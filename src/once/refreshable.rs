@@ -47,6 +47,12 @@ pub struct Generation(u64);
 
 impl Generation {
     /// The generation number.
+    ///
+    /// ```
+    /// use raceguard::once::Refreshable;
+    /// let r: Refreshable<u8, ()> = Refreshable::new(0);
+    /// assert_eq!(r.get().generation().get(), 0);
+    /// ```
     pub fn get(self) -> u64 {
         self.0
     }
@@ -75,17 +81,39 @@ pub struct Snapshot<T> {
 }
 
 impl<T> Snapshot<T> {
-    /// The generation this value belongs to.
+    /// The generation this value belongs to: pass it to
+    /// [`Refreshable::refresh`] when the value turns out stale.
+    ///
+    /// ```
+    /// use raceguard::once::Refreshable;
+    /// let r: Refreshable<u8, ()> = Refreshable::new(0);
+    /// let (a, b) = (r.get(), r.get());
+    /// assert_eq!(a.generation(), b.generation());
+    /// ```
     pub fn generation(&self) -> Generation {
         self.generation
     }
 
     /// The shared value.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use raceguard::once::Refreshable;
+    /// let r: Refreshable<String, ()> = Refreshable::new("t0".into());
+    /// assert!(Arc::ptr_eq(r.get().value(), r.get().value()));
+    /// ```
     pub fn value(&self) -> &StdArc<T> {
         &self.value
     }
 
     /// The shared value, without the generation.
+    ///
+    /// ```
+    /// use raceguard::once::Refreshable;
+    /// let r: Refreshable<String, ()> = Refreshable::new("t0".into());
+    /// let token: std::sync::Arc<String> = r.get().into_arc();
+    /// assert_eq!(*token, "t0");
+    /// ```
     pub fn into_arc(self) -> StdArc<T> {
         self.value
     }
@@ -276,6 +304,18 @@ impl<T, E> Refreshable<T, E> {
         claim.publish(outcome)
     }
 
+    /// How many callers are waiting for the running refresh right now (a
+    /// snapshot, for metrics and tests).
+    ///
+    /// ```
+    /// use raceguard::once::Refreshable;
+    /// let r: Refreshable<u32, ()> = Refreshable::new(1);
+    /// assert_eq!(r.waiters(), 0);
+    /// ```
+    pub fn waiters(&self) -> usize {
+        self.state.lock().waiters.len()
+    }
+
     fn mark(&self) -> usize {
         std::ptr::from_ref(&self.state).addr()
     }
@@ -310,6 +350,11 @@ impl<T, E> Refreshable<T, E> {
             "released an attempt it did not run"
         );
         st.running = None;
+        let wakers = if outcome.is_some() {
+            st.waiters.drain_wakers()
+        } else {
+            st.waiters.take_wakers()
+        };
         let result = outcome.map(|out| match out {
             Ok(v) => {
                 st.current = StdArc::new(v);
@@ -322,7 +367,6 @@ impl<T, E> Refreshable<T, E> {
                 Err(error)
             }
         });
-        let wakers = st.waiters.take_wakers();
         drop(st);
         shared::wake_all(wakers);
         result

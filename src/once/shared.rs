@@ -5,11 +5,12 @@
 //!
 //! Invariants:
 //!
-//! - A [`WaitList`] entry exists for exactly as long as its waiter is
-//!   interested: it is added when the waiter joins and removed when the waiter
-//!   returns or is dropped, so `len()` counts waiting callers even between a
-//!   wake-up and the waiter's next poll. Waking takes the wakers but keeps
-//!   the entries.
+//! - A [`WaitList`] entry exists while its waiter waits for an outcome: it
+//!   is added when the waiter joins and removed when the waiter returns or is
+//!   dropped, or all at once when an outcome is published (`drain_wakers`).
+//!   Waking for an abandoned attempt (`take_wakers`) keeps the entries, so
+//!   `len()` still counts those waiters between the wake-up and their next
+//!   poll.
 //! - While user work (an initializer, a refresher, a flight's work) is being
 //!   called or polled, the id of the cell it belongs to is in this thread's
 //!   driving set, and only then. A caller that finds its cell's id there is
@@ -83,9 +84,18 @@ impl WaitList {
         self.entries.len()
     }
 
-    /// Takes every stored waker (to wake after unlocking); entries stay.
+    /// Takes every stored waker (to wake after unlocking); entries stay,
+    /// so the waiters are still counted (an abandoned attempt: they decide
+    /// again).
     pub(super) fn take_wakers(&mut self) -> Vec<Waker> {
         self.entries.iter_mut().filter_map(|e| e.1.take()).collect()
+    }
+
+    /// Takes every stored waker and forgets every waiter (an outcome was
+    /// published: each waiter finds it on its next poll and needs no entry;
+    /// later `remove`s are no-ops). Keeps a burst's exits O(1) each.
+    pub(super) fn drain_wakers(&mut self) -> Vec<Waker> {
+        self.entries.drain(..).filter_map(|e| e.1).collect()
     }
 }
 

@@ -18,7 +18,8 @@
 //!    work's future is dropped before that.
 //! 3. A caller that joins a flight is counted in `waiters` in the same
 //!    critical section in which it finds the flight in the map, and stays
-//!    counted until it returns or is dropped. The driver publishes the
+//!    counted until it returns, is dropped, or the outcome it waits for is
+//!    published (then it needs no entry: it reads the outcome). The driver publishes the
 //!    outcome after removing the map entry (no caller can join after that),
 //!    so every counted waiter finds the outcome, and a flight nobody waits
 //!    for skips storing (cloning) it.
@@ -381,7 +382,7 @@ where
         if st.waiters.len() > 0 {
             st.outcome = Some(result.clone());
         }
-        let wakers = st.waiters.take_wakers();
+        let wakers = st.waiters.drain_wakers();
         drop(st);
         shared::wake_all(wakers);
         result

@@ -7,7 +7,11 @@
 #[cfg(raceguard_loom)]
 mod loom_clock;
 #[cfg(raceguard_loom)]
+mod loom_lock;
+#[cfg(raceguard_loom)]
 mod loom_once;
+#[cfg(raceguard_loom)]
+mod loom_rate;
 #[cfg(raceguard_loom)]
 mod loom_refresh;
 #[cfg(raceguard_loom)]
