@@ -27,6 +27,9 @@ use crate::{Error, Result};
 
 const NAMESPACE: &str = "rl";
 
+/// A per-owner quota resolver.
+type Resolver = Arc<dyn Fn(&UserId) -> Quota + Send + Sync>;
+
 /// What a Redis limiter answers when Redis fails (unreachable, timed out,
 /// loading ...). The answer always arrives within the backend's response
 /// timeout.
@@ -348,7 +351,7 @@ pub struct RedisKeyedRateLimiter {
     script: GcraScript,
     name: Arc<str>,
     quota: Quota,
-    resolver: Option<Arc<dyn Fn(&UserId) -> Quota + Send + Sync>>,
+    resolver: Option<Resolver>,
     layout: KeyLayout,
     policy: FailurePolicy,
     local: Arc<KeyedRateLimiter<UserId>>,
