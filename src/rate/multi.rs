@@ -325,7 +325,10 @@ impl<'a> MultiLimit<'a> {
         for (i, part) in parts.iter().enumerate() {
             let (rank, obj) = match part.target {
                 Target::Direct(l) => ((l.id(), 0), LockObj::Cell(l.cell())),
-                Target::Keyed(l, _) => (l.shard_rank(plans[i].hash), LockObj::Shard(l, plans[i].hash)),
+                Target::Keyed(l, _) => (
+                    l.shard_rank(plans[i].hash),
+                    LockObj::Shard(l, plans[i].hash),
+                ),
             };
             if !locks.iter().any(|(r, _)| *r == rank) {
                 locks.push((rank, obj));
@@ -428,7 +431,8 @@ impl<'a> MultiLimit<'a> {
                 match (&parts[first].target, &mut held[plans[first].lock]) {
                     (Target::Direct(_), Held::Cell(h)) => h.value = values[c],
                     (Target::Keyed(l, key), Held::Shard(shard)) => {
-                        let dropped = shard.set(plans[first].hash, *key, values[c], plans[first].now);
+                        let dropped =
+                            shard.set(plans[first].hash, *key, values[c], plans[first].now);
                         l.release(dropped);
                     }
                     _ => unreachable!("a part's lock matches its kind"),
@@ -442,25 +446,8 @@ impl<'a> MultiLimit<'a> {
             .zip(decisions)
             .map(|(p, d)| (p.name, d))
             .collect();
-        let denied_by = if allowed {
-            None
-        } else {
-            named
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, d))| d.denied())
-                .max_by(|(ia, (_, a)), (ib, (_, b))| {
-                    a.retry_after_nanos()
-                        .cmp(&b.retry_after_nanos())
-                        .then(ib.cmp(ia))
-                })
-                .map(|(i, _)| i)
-        };
-        Ok(MultiDecision {
-            allowed,
-            parts: named,
-            denied_by,
-        })
+        debug_assert_eq!(allowed, named.iter().all(|(_, d)| d.allowed()));
+        Ok(MultiDecision::from_parts(named))
     }
 }
 

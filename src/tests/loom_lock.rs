@@ -1,9 +1,10 @@
 //! Loom models of the in-memory lock manager (issue 6, proof 4).
 //!
-//! - mutual exclusion: two threads spinning on `try_acquire` are never
-//!   inside the critical section together, and no increment is lost;
+//! - mutual exclusion: three threads, each trying twice, are never inside
+//!   the critical section together, and no increment is lost;
 //! - a guard dropped (releasing) while another thread takes over the
-//!   expired lock never deletes the new holder's lock;
+//!   expired lock, or releases its own newer acquisition, never deletes the
+//!   new holder's lock;
 //! - a release racing an acquire leaves the lock either with the new
 //!   holder or free, never with both or with the released one;
 //! - a watchdog renewal racing the release never outlives it
@@ -46,28 +47,43 @@ fn loom_lock_mutual_exclusion() {
         let name = LockName::new("m").unwrap();
         let inside = Arc::new(AtomicUsize::new(0));
         let counter = Arc::new(AtomicUsize::new(0));
+        let entered = Arc::new(AtomicUsize::new(0));
         let worker = {
-            let (locks, name, inside, counter) =
-                (locks.clone(), name.clone(), inside.clone(), counter.clone());
+            let (locks, name, inside, counter, entered) = (
+                locks.clone(),
+                name.clone(),
+                inside.clone(),
+                counter.clone(),
+                entered.clone(),
+            );
             move || {
-                let guard = loop {
-                    match block_on(locks.try_acquire(&name, opts())) {
-                        Ok(g) => break g,
-                        Err(_) => thread::yield_now(),
-                    }
-                };
-                assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
-                // A non-atomic read-modify-write, safe only under the lock.
-                let v = counter.load(Ordering::Relaxed);
-                counter.store(v + 1, Ordering::Relaxed);
-                inside.fetch_sub(1, Ordering::SeqCst);
-                assert!(block_on(guard.release()).unwrap(), "released while held");
+                // Two bounded attempts each (loom needs bounded loops).
+                for _ in 0..2 {
+                    let Ok(guard) = block_on(locks.try_acquire(&name, opts())) else {
+                        continue;
+                    };
+                    entered.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                    // A non-atomic read-modify-write, safe only under the lock.
+                    let v = counter.load(Ordering::Relaxed);
+                    counter.store(v + 1, Ordering::Relaxed);
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                    assert!(block_on(guard.release()).unwrap(), "released while held");
+                }
             }
         };
-        let other = thread::spawn(worker.clone());
+        let others: Vec<_> = (0..2).map(|_| thread::spawn(worker.clone())).collect();
         worker();
-        other.join().unwrap();
-        assert_eq!(counter.load(Ordering::SeqCst), 2, "an increment was lost");
+        for o in others {
+            o.join().unwrap();
+        }
+        let entered = entered.load(Ordering::SeqCst);
+        assert!(entered >= 1);
+        assert_eq!(
+            counter.load(Ordering::SeqCst),
+            entered,
+            "an increment was lost"
+        );
         assert_eq!(memory_len(&locks), 0);
     });
 }
@@ -93,6 +109,26 @@ fn loom_lock_guard_drop_never_deletes_the_next_holder() {
             "the old guard's drop deleted the new holder's lock"
         );
         assert!(block_on(second.release()).unwrap());
+    });
+}
+
+#[test]
+fn loom_lock_guard_drop_racing_the_next_holders_release() {
+    loom::model(|| {
+        let clock = ManualClock::new();
+        let locks = manager(&clock);
+        let name = LockName::new("dr").unwrap();
+        let first = block_on(locks.try_acquire(&name, opts())).unwrap();
+        clock.advance(Duration::from_nanos(10)); // the first lease expired
+        let second = block_on(locks.try_acquire(&name, opts())).unwrap();
+        let dropper = thread::spawn(move || drop(first));
+        let releaser = thread::spawn(move || block_on(second.release()).unwrap());
+        dropper.join().unwrap();
+        assert!(
+            releaser.join().unwrap(),
+            "the old guard's drop released the new holder's lock first"
+        );
+        assert_eq!(memory_len(&locks), 0);
     });
 }
 
