@@ -492,3 +492,38 @@ fn an_indeterminate_check_is_never_replayed() {
         );
     });
 }
+
+/// The same handler code, generic over `KeyedLimit`, on both backends: the
+/// switch is the line that builds the limiter.
+#[test]
+fn one_handler_runs_on_memory_and_on_redis() {
+    use raceguard::rate::KeyedLimit;
+
+    async fn handle(limit: &impl KeyedLimit, user: &UserId) -> u16 {
+        match limit.check_n(user, 1).await {
+            Ok(d) if d.allowed() => 200,
+            Ok(_) => 429,
+            Err(_) => 503,
+        }
+    }
+    async fn burst(limit: &impl KeyedLimit) -> Vec<u16> {
+        let alice = UserId::new("alice").unwrap();
+        let mut codes = Vec::new();
+        for _ in 0..5 {
+            codes.push(handle(limit, &alice).await);
+        }
+        codes
+    }
+
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let redis = RedisBackend::connect(server.url(), config()).await.unwrap();
+        let quota = Quota::per_minute(3).unwrap();
+        let memory = KeyedRateLimiter::<UserId>::new(quota);
+        let on_redis = RedisKeyedRateLimiter::new(&redis, "switch", quota).unwrap();
+        assert_eq!(burst(&memory).await, [200, 200, 200, 429, 429]);
+        assert_eq!(burst(&on_redis).await, [200, 200, 200, 429, 429]);
+    });
+}
