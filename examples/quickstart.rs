@@ -17,6 +17,7 @@ fn main() -> Result<(), raceguard::Error> {
     clocks();
     once_and_single_flight()?;
     rate_limiting()?;
+    locks()?;
     println!("\nquickstart: all sections ran");
     Ok(())
 }
@@ -206,5 +207,47 @@ fn rate_limiting() -> Result<(), raceguard::Error> {
             println!("  webhook {webhook} called the API at {at:?}");
         }
         Ok(())
+    })
+}
+
+/// Locks: a holder whose lease ran out cannot delete the next holder's lock,
+/// and its late write is refused by the fencing token.
+fn locks() -> Result<(), raceguard::Error> {
+    use raceguard::lock::{Fenced, LockConfig, LockManager, LockName, LockOptions};
+
+    println!("== locks: token-checked release, leases, fencing tokens");
+    let clock = ManualClock::new(); // leases measured on a clock we move by hand
+    let locks = LockManager::memory_with(LockConfig::default().clock(clock.clone()))?;
+    let name = LockName::new("chat:alice")?;
+    let history = Fenced::new(Vec::<&str>::new()); // the protected resource
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let opts = LockOptions::new(Duration::from_secs(10));
+        let slow = locks.acquire(&name, opts).await?;
+        let slow_token = slow.fencing_token().expect("memory locks always fence");
+        println!("  request A holds the lock with fencing token {slow_token}");
+
+        clock.advance(Duration::from_secs(11)); // A stalls past its lease
+        println!("  A stalled past its lease; still held: {}", slow.is_held());
+        let next = locks.try_acquire(&name, opts).await?;
+        let next_token = next.fencing_token().expect("memory locks always fence");
+        history.write(next_token, |h| h.push("B's message"))?;
+        println!("  request B acquired with token {next_token} and wrote");
+
+        match history.write(slow_token, |h| h.push("A's late message")) {
+            Err(e) => println!("  A's late write refused: {e}"),
+            Ok(()) => unreachable!("an older token never writes after a newer one"),
+        }
+        // A's release is compare-and-delete: B's lock survives it.
+        println!(
+            "  A's release found its lock still held: {}",
+            slow.release().await?
+        );
+        println!("  B still holds the lock: {}", next.is_held());
+        assert!(next.release().await?);
+        Ok::<(), raceguard::Error>(())
     })
 }

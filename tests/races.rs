@@ -17,3 +17,24 @@ mod support;
 
 #[path = "races/r05_connection_exhaustion.rs"]
 mod r05_connection_exhaustion;
+
+#[path = "races/r06_cache_lock.rs"]
+mod r06_cache_lock;
+
+#[path = "races/r07_cross_process.rs"]
+mod r07_cross_process;
+
+#[path = "races/r07_per_worker_limits.rs"]
+mod r07_per_worker_limits;
+
+#[path = "races/r08_coordinator_throttle.rs"]
+mod r08_coordinator_throttle;
+
+#[path = "races/r09_webhook_logins.rs"]
+mod r09_webhook_logins;
+
+#[path = "races/r11_lazy_global_client.rs"]
+mod r11_lazy_global_client;
+
+#[path = "races/r12_app_init_twice.rs"]
+mod r12_app_init_twice;

@@ -1,0 +1,291 @@
+//! The pure core of the locks: owner tokens, lease-validity arithmetic,
+//! backoff with full jitter and quorum counting, as plain functions over
+//! integers (nanoseconds, milliseconds, counts). No I/O, no atomics, no
+//! clock reads: the backends call these with values they measured.
+//!
+//! Every function here is total: no input (a zero TTL, `u64::MAX`, an
+//! attempt number of a million) panics or overflows; results saturate.
+
+use std::fmt;
+
+use crate::Error;
+
+/// The random owner token of one acquisition: 128 bits from the operating
+/// system's CSPRNG, compared on release and extension so a holder can only
+/// ever touch its own lease.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Token(u128);
+
+impl Token {
+    /// A fresh token from the OS CSPRNG (`getrandom`).
+    pub(crate) fn random() -> Result<Self, Error> {
+        let mut buf = [0u8; 16];
+        getrandom::fill(&mut buf).map_err(|e| Error::backend("os rng", false, e))?;
+        Ok(Token(u128::from_le_bytes(buf)))
+    }
+
+    #[cfg(all(test, not(raceguard_loom)))]
+    pub(crate) fn from_u128(v: u128) -> Self {
+        Token(v)
+    }
+
+    #[cfg(all(test, raceguard_loom))]
+    pub(crate) fn value(self) -> u128 {
+        self.0
+    }
+
+    /// The token as 32 lowercase hex digits: the value stored in Redis.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+
+    /// 64 bits for seeding the jitter generator. The token is uniformly
+    /// random, so so is this.
+    pub(crate) fn seed(self) -> u64 {
+        (self.0 as u64) ^ ((self.0 >> 64) as u64)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Enough to tell tokens apart in logs; not enough to forge a release.
+        write!(f, "Token({:08x}…)", (self.0 >> 96) as u32)
+    }
+}
+
+/// The clock-drift allowance subtracted from a lease: `ttl * factor + fixed`
+/// (Redlock's "1% plus 2 ms"), saturating.
+pub(crate) fn drift_nanos(ttl_nanos: u64, factor: f64, fixed_nanos: u64) -> u64 {
+    // `as` from f64 saturates (and maps NaN to 0): total by construction.
+    let proportional = (ttl_nanos as f64 * factor) as u64;
+    proportional.saturating_add(fixed_nanos)
+}
+
+/// How long a lease acquired with `ttl` stays valid, measured from the
+/// moment *before* the acquire request was sent: `ttl - elapsed - drift`, or
+/// `None` when nothing is left. `elapsed` is the time the acquire took.
+pub(crate) fn validity_nanos(ttl_nanos: u64, elapsed_nanos: u64, drift_nanos: u64) -> Option<u64> {
+    match ttl_nanos
+        .checked_sub(elapsed_nanos)
+        .and_then(|v| v.checked_sub(drift_nanos))
+    {
+        Some(0) | None => None,
+        Some(v) => Some(v),
+    }
+}
+
+/// The end of a lease's validity on the local monotonic clock: the acquire
+/// started at `start`, and [`validity_nanos`] says how much was left once it
+/// finished. Measuring from `start` (not from the reply) is what keeps the
+/// local view conservative: the server's TTL started counting later.
+pub(crate) fn valid_until(start: u64, ttl_nanos: u64, drift_nanos: u64) -> u64 {
+    start
+        .saturating_add(ttl_nanos)
+        .saturating_sub(drift_nanos)
+        .max(start)
+}
+
+/// The upper bound of the full-jitter backoff before retry number
+/// `attempt` (0-based): `min(cap, base * 2^attempt)`, saturating.
+pub(crate) fn backoff_ceiling(attempt: u32, base_nanos: u64, cap_nanos: u64) -> u64 {
+    let factor = 1u64.checked_shl(attempt.min(63)).unwrap_or(u64::MAX);
+    base_nanos.saturating_mul(factor).min(cap_nanos)
+}
+
+/// Full-jitter exponential backoff ("Exponential Backoff And Jitter", AWS
+/// architecture blog): a uniformly random delay in
+/// `[0, min(cap, base * 2^attempt)]`, drawn from the 64 random bits `r`.
+pub(crate) fn full_jitter(attempt: u32, base_nanos: u64, cap_nanos: u64, r: u64) -> u64 {
+    let ceiling = backoff_ceiling(attempt, base_nanos, cap_nanos);
+    match ceiling.checked_add(1) {
+        Some(span) => r % span,
+        None => r,
+    }
+}
+
+/// The delay before the next attempt: the jittered backoff, but never past
+/// the acquire deadline and, when the holder's remaining lease is known,
+/// never (much) past the moment it expires — a TTL shorter than the retry
+/// delay does not make a waiter oversleep the free lock.
+pub(crate) fn next_delay(
+    jitter_nanos: u64,
+    holder_remaining_nanos: Option<u64>,
+    until_deadline_nanos: u64,
+) -> u64 {
+    let mut d = jitter_nanos;
+    if let Some(rem) = holder_remaining_nanos {
+        // Wake just after the holder's expiry (plus 1 ms for the server's
+        // own expiry to happen).
+        d = d.min(rem.saturating_add(1_000_000));
+    }
+    d.min(until_deadline_nanos)
+}
+
+/// The watchdog's renewal interval for a lease of `ttl`: uniformly random in
+/// `[ttl/4, ttl/3]`, so many holders renewing the same TTL spread out.
+pub(crate) fn renew_interval(ttl_nanos: u64, r: u64) -> u64 {
+    let hi = ttl_nanos / 3;
+    let lo = ttl_nanos / 4;
+    let span = hi - lo;
+    lo + match span.checked_add(1) {
+        Some(s) => r % s,
+        None => r,
+    }
+}
+
+/// Redlock's quorum for `n` nodes: a strict majority, `n/2 + 1`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn quorum(n: usize) -> usize {
+    n / 2 + 1
+}
+
+/// Whether a Redlock attempt can still reach `needed` grants with
+/// `pending` nodes yet to answer.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn quorum_possible(granted: usize, pending: usize, needed: usize) -> bool {
+    granted.saturating_add(pending) >= needed
+}
+
+/// SplitMix64: a tiny, fast, statistically good generator for jitter
+/// (never for tokens).
+#[derive(Debug, Clone)]
+pub(crate) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub(crate) fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// A duration in whole milliseconds, rounded **up** (a TTL of 1.5 ms is 2 ms
+/// on the server, never 1), saturating.
+pub(crate) fn ceil_millis(nanos: u64) -> u64 {
+    nanos.div_ceil(1_000_000)
+}
+
+#[cfg(all(test, not(raceguard_loom)))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn tokens_are_distinct_and_hex_is_32_digits() {
+        let a = Token::random().unwrap();
+        let b = Token::random().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.hex().len(), 32);
+        assert!(a.hex().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(Token::from_u128(0xab).hex(), format!("{:032x}", 0xab));
+        assert!(format!("{a:?}").starts_with("Token("));
+    }
+
+    #[test]
+    fn redlock_drift_is_one_percent_plus_two_ms() {
+        assert_eq!(drift_nanos(10_000 * MS, 0.01, 2 * MS), 102 * MS);
+        assert_eq!(drift_nanos(u64::MAX, 0.01, u64::MAX), u64::MAX);
+        assert_eq!(drift_nanos(MS, f64::NAN, 0), 0);
+    }
+
+    #[test]
+    fn validity_examples() {
+        // TTL 10 s, took 5 ms, drift 102 ms.
+        assert_eq!(
+            validity_nanos(10_000 * MS, 5 * MS, 102 * MS),
+            Some(9_893 * MS)
+        );
+        // TTL 1 ms: the drift alone eats it.
+        assert_eq!(validity_nanos(MS, 0, 2 * MS), None);
+        assert_eq!(validity_nanos(5 * MS, 5 * MS, 0), None);
+    }
+
+    #[test]
+    fn quorum_is_a_strict_majority() {
+        assert_eq!(quorum(1), 1);
+        assert_eq!(quorum(3), 2);
+        assert_eq!(quorum(4), 3);
+        assert_eq!(quorum(5), 3);
+        assert!(quorum_possible(1, 2, 3));
+        assert!(!quorum_possible(0, 2, 3));
+    }
+
+    #[test]
+    fn ceil_millis_rounds_up() {
+        assert_eq!(ceil_millis(0), 0);
+        assert_eq!(ceil_millis(1), 1);
+        assert_eq!(ceil_millis(MS), 1);
+        assert_eq!(ceil_millis(MS + 1), 2);
+        assert_eq!(ceil_millis(u64::MAX), u64::MAX / MS + 1);
+    }
+
+    #[test]
+    fn splitmix_is_not_constant() {
+        let mut g = SplitMix64::new(0);
+        let a = g.next_u64();
+        let b = g.next_u64();
+        assert_ne!(a, b);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn jitter_stays_under_its_ceiling(attempt in 0u32..200, base in 0u64..u64::MAX, cap in 0u64..u64::MAX, r in any::<u64>()) {
+            let ceiling = backoff_ceiling(attempt, base, cap);
+            prop_assert!(ceiling <= cap);
+            prop_assert!(full_jitter(attempt, base, cap, r) <= ceiling);
+        }
+
+        #[test]
+        fn ceiling_grows_until_the_cap(attempt in 0u32..62, base in 1u64..1_000_000_000, cap in 1u64..u64::MAX) {
+            let a = backoff_ceiling(attempt, base, cap);
+            let b = backoff_ceiling(attempt + 1, base, cap);
+            prop_assert!(b >= a);
+            prop_assert!(b == cap || b == a * 2);
+        }
+
+        #[test]
+        fn validity_never_exceeds_ttl_minus_drift(ttl in any::<u64>(), elapsed in any::<u64>(), drift in any::<u64>()) {
+            match validity_nanos(ttl, elapsed, drift) {
+                Some(v) => {
+                    prop_assert!(v > 0);
+                    prop_assert_eq!(v as u128 + elapsed as u128 + drift as u128, ttl as u128);
+                }
+                None => prop_assert!(elapsed as u128 + drift as u128 >= ttl as u128),
+            }
+        }
+
+        #[test]
+        fn valid_until_is_within_the_lease(start in any::<u64>(), ttl in any::<u64>(), drift in any::<u64>()) {
+            let end = valid_until(start, ttl, drift);
+            prop_assert!(end >= start);
+            prop_assert!(end as u128 <= start as u128 + ttl as u128);
+        }
+
+        #[test]
+        fn delay_respects_deadline_and_holder(j in any::<u64>(), rem in proptest::option::of(any::<u64>()), dl in any::<u64>()) {
+            let d = next_delay(j, rem, dl);
+            prop_assert!(d <= dl);
+            prop_assert!(d <= j);
+            if let Some(rem) = rem {
+                prop_assert!(d <= rem.saturating_add(1_000_000));
+            }
+        }
+
+        #[test]
+        fn renew_interval_is_between_a_quarter_and_a_third(ttl in any::<u64>(), r in any::<u64>()) {
+            let i = renew_interval(ttl, r);
+            prop_assert!(i >= ttl / 4 && i <= ttl / 3);
+        }
+    }
+}
