@@ -6,6 +6,8 @@
 //! - `redis_check_64_tasks/{raceguard,hand_gcra}`: time per check with 64
 //!   tasks over one shared multiplexed connection: raceguard's keyed limiter
 //!   against a minimal hand-written GCRA script called with EVALSHA.
+//!   `raw_raceguard_script` calls raceguard's Lua script directly (same
+//!   arguments, no facade), splitting server-side from client-side cost.
 //! - `redis-benchmark -c 64 -P 1 -t set` on the same server, printed.
 //! - `redis_latency/{raceguard_check,ping}`: one call at a time; p50 and
 //!   p99 over 20,000 sequential calls are printed too.
@@ -87,7 +89,7 @@ return 1
             .unwrap()
             .with_burst(1_000_000)
             .unwrap();
-        let limiter = RedisKeyedRateLimiter::new(&redis, "bench", quota).unwrap();
+        let limiter = Arc::new(RedisKeyedRateLimiter::new(&redis, "bench", quota).unwrap());
         let users: Arc<Vec<UserId>> = Arc::new(
             (0..1024)
                 .map(|i| UserId::new(format!("user-{i}")).unwrap())
@@ -118,6 +120,28 @@ return 1
                             .key(format!("hand:{{user-{}}}", i % 1024))
                             .arg(1_000u64)
                             .arg(1_000_000u64)
+                            .invoke_async(&mut conn)
+                            .await
+                            .unwrap();
+                        std::hint::black_box(r);
+                    }
+                }))
+            })
+        });
+        let ours = Arc::new(redis::Script::new(include_str!("../src/redis/gcra.lua")));
+        g.bench_function("raw_raceguard_script", |b| {
+            b.iter_custom(|iters| {
+                let (conn, ours) = (redis.connection(), ours.clone());
+                rt.block_on(spread(iters, move |i| {
+                    let (mut conn, ours) = (conn.clone(), ours.clone());
+                    async move {
+                        let r: Vec<i64> = ours
+                            .key(format!("rl:{{user-{}}}:bench", i % 1024))
+                            .arg("")
+                            .arg("1")
+                            .arg(1u64)
+                            .arg(1_000_000_000u64)
+                            .arg(1u64)
                             .invoke_async(&mut conn)
                             .await
                             .unwrap();

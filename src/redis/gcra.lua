@@ -22,49 +22,92 @@
 
 local E9 = 1000000000
 local MAX_DS = 9007199 -- seconds: MAX_DS * E9 < 2^53
+local tonumber, sub, format, floor = tonumber, string.sub, string.format, math.floor
+local call = redis.call
 
+-- "1795000000123456789" -> 1795000000, 123456789 (exact: each part < 2^53)
 local function split(s)
   local n = #s
   if n <= 9 then
     return 0, tonumber(s)
   end
-  return tonumber(string.sub(s, 1, n - 9)), tonumber(string.sub(s, n - 8))
+  return tonumber(sub(s, 1, n - 9)), tonumber(sub(s, n - 8))
 end
 
 local function join(sec, ns)
   if sec == 0 then
-    return string.format('%d', ns)
+    return format('%d', ns)
   end
-  return string.format('%d%09d', sec, ns)
+  return format('%d%09d', sec, ns)
 end
 
-local now_s, now_ns
 local explicit = ARGV[1] ~= ''
+local now_s, now_ns
 if explicit then
   now_s, now_ns = split(ARGV[1])
 else
-  local t = redis.call('TIME')
+  local t = call('TIME')
   now_s = tonumber(t[1])
   now_ns = tonumber(t[2]) * 1000
 end
 local write = ARGV[2] == '1'
 
-local cells = {}
-local function load(key)
-  local c = cells[key]
-  if c == nil then
-    local v = redis.call('GET', key)
-    if v then
-      local s, ns = split(v)
-      c = { s, ns }
-    else
-      c = { 0, 0 }
-    end
-    cells[key] = c
+-- backlog = max(tat - now, 0), exactly, from the split parts.
+local function backlog_of(s, ns)
+  local ds = s - now_s
+  if ds < 0 or (ds == 0 and ns <= now_ns) then
+    return 0
+  elseif ds > MAX_DS then
+    return MAX_DS * E9 -- the clock went back by months: deny, capped
   end
-  return c
+  return ds * E9 + (ns - now_ns)
 end
 
+-- tat = now + after, carried in seconds and nanoseconds.
+local function advance(after)
+  local q = floor(after / E9)
+  local r = after - q * E9
+  if r < 0 then q = q - 1; r = r + E9 elseif r >= E9 then q = q + 1; r = r - E9 end
+  local ns = now_ns + r
+  local s = now_s + q
+  if ns >= E9 then s = s + 1; ns = ns - E9 end
+  return s, ns
+end
+
+local function store(key, s, ns, reset)
+  if explicit then
+    call('SET', key, join(s, ns))
+  else
+    -- Expire when the cell is full again: an absent key decides exactly
+    -- like an idle one, so idle users cost nothing.
+    call('SET', key, join(s, ns), 'PX', floor(reset / 1000000) + 1)
+  end
+end
+
+if #KEYS == 1 then
+  -- The common case, one limit: no per-key tables.
+  local key = KEYS[1]
+  local interval = tonumber(ARGV[3])
+  local window = interval * tonumber(ARGV[4])
+  local cost = tonumber(ARGV[5])
+  local v = call('GET', key)
+  local backlog = 0
+  if v then
+    backlog = backlog_of(split(v))
+  end
+  local after = backlog + cost * interval
+  if after <= window then
+    if write and cost > 0 then
+      local s, ns = advance(after)
+      store(key, s, ns, after)
+    end
+    return { 1, 1, after, 0 }
+  end
+  return { 0, 0, backlog, after - window }
+end
+
+-- Several limits, all or nothing (check_all).
+local cells = {}
 local out = { 1 }
 local touched = {}
 for i = 1, #KEYS do
@@ -73,31 +116,22 @@ for i = 1, #KEYS do
   local interval = tonumber(ARGV[base])
   local window = interval * tonumber(ARGV[base + 1])
   local cost = tonumber(ARGV[base + 2])
-  local c = load(key)
-
-  -- backlog = max(tat - now, 0), exactly
-  local ds = c[1] - now_s
-  local backlog
-  if ds < 0 or (ds == 0 and c[2] <= now_ns) then
-    backlog = 0
-  elseif ds > MAX_DS then
-    backlog = MAX_DS * E9 -- the clock went back by months: deny, capped
-  else
-    backlog = ds * E9 + (c[2] - now_ns)
+  local c = cells[key]
+  if c == nil then
+    local v = call('GET', key)
+    if v then
+      local s, ns = split(v)
+      c = { s, ns }
+    else
+      c = { 0, 0 }
+    end
+    cells[key] = c
   end
-
+  local backlog = backlog_of(c[1], c[2])
   local after = backlog + cost * interval
   if after <= window then
     if cost > 0 then
-      -- tat = now + after, carried in seconds and nanoseconds
-      local q = math.floor(after / E9)
-      local r = after - q * E9
-      if r < 0 then q = q - 1; r = r + E9 elseif r >= E9 then q = q + 1; r = r - E9 end
-      local ns = now_ns + r
-      local s = now_s + q
-      if ns >= E9 then s = s + 1; ns = ns - E9 end
-      c[1] = s
-      c[2] = ns
+      c[1], c[2] = advance(after)
       touched[key] = after
     end
     out[#out + 1] = 1
@@ -114,14 +148,7 @@ end
 if out[1] == 1 and write then
   for key, reset in pairs(touched) do
     local c = cells[key]
-    if explicit then
-      redis.call('SET', key, join(c[1], c[2]))
-    else
-      -- Expire when the cell is full again: an absent key decides exactly
-      -- like an idle one, so idle users cost nothing.
-      local px = math.floor(reset / 1000000) + 1
-      redis.call('SET', key, join(c[1], c[2]), 'PX', px)
-    end
+    store(key, c[1], c[2], reset)
   end
 end
 

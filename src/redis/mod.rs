@@ -274,10 +274,14 @@ impl RedisBackend {
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
-            .set_number_of_retries(2)
+            // One attempt per reconnect: a call made while the server is down
+            // waits at most one connect timeout for the reconnect, then its
+            // reply at most one response timeout. Every call is therefore
+            // bounded by the connection's own deadlines, without a second
+            // timer per call; the next call triggers the next reconnect.
+            .set_number_of_retries(0)
             .set_max_delay(config.connect_timeout);
-        // The manager's own connect loop retries with backoff; bound the whole
-        // thing so a black-holed address cannot hang the caller.
+        // Bound the first connection as a whole too.
         let deadline = config.connect_timeout.saturating_mul(4);
         let manager = tokio::time::timeout(
             deadline,
@@ -402,13 +406,11 @@ impl RedisBackend {
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, Error> {
         let mut conn = self.shared();
         let timeout = self.inner.config.response_timeout;
-        match tokio::time::timeout(timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(r) => r.map_err(|e| map_redis_error(e, "redis call", timeout)),
-            Err(_) => Err(Error::Timeout {
-                op: "redis call",
-                after: timeout,
-            }),
-        }
+        // Bounded by the connection's own deadlines (see `connect`): no
+        // second timer per call on the hot path.
+        cmd.query_async::<T>(&mut conn)
+            .await
+            .map_err(|e| map_redis_error(e, "redis call", timeout))
     }
 
     /// Runs a Lua script (EVALSHA, falling back to EVAL on NOSCRIPT) on the
@@ -424,13 +426,10 @@ impl RedisBackend {
     ) -> Result<T, Error> {
         let mut conn = self.shared();
         let timeout = self.inner.config.response_timeout;
-        match tokio::time::timeout(timeout, invocation.invoke_async::<T>(&mut conn)).await {
-            Ok(r) => r.map_err(|e| map_redis_error(e, "redis script", timeout)),
-            Err(_) => Err(Error::Timeout {
-                op: "redis script",
-                after: timeout,
-            }),
-        }
+        invocation
+            .invoke_async::<T>(&mut conn)
+            .await
+            .map_err(|e| map_redis_error(e, "redis script", timeout))
     }
 
     /// Loads `script` on the server ahead of use (optional: [`invoke`]
@@ -444,15 +443,11 @@ impl RedisBackend {
     pub async fn load_script(&self, script: &Script) -> Result<(), Error> {
         let mut conn = self.shared();
         let timeout = self.inner.config.response_timeout;
-        match tokio::time::timeout(timeout, script.load_async(&mut conn)).await {
-            Ok(r) => r
-                .map(drop)
-                .map_err(|e| map_redis_error(e, "redis script load", timeout)),
-            Err(_) => Err(Error::Timeout {
-                op: "redis script load",
-                after: timeout,
-            }),
-        }
+        script
+            .load_async(&mut conn)
+            .await
+            .map(drop)
+            .map_err(|e| map_redis_error(e, "redis script load", timeout))
     }
 
     /// Checks out a dedicated connection for blocking commands (`BLPOP`,
