@@ -31,8 +31,8 @@ const NAMESPACE: &str = "rl";
 type Resolver = Arc<dyn Fn(&UserId) -> Quota + Send + Sync>;
 
 /// What a Redis limiter answers when Redis fails (unreachable, timed out,
-/// loading ...). The answer always arrives within the backend's response
-/// timeout.
+/// loading ...). The answer always arrives within the backend's deadlines:
+/// the response timeout, plus one connect timeout while reconnecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum FailurePolicy {
