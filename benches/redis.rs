@@ -135,10 +135,9 @@ return 1
                 rt.block_on(spread(iters, move |i| {
                     let (mut conn, ours) = (conn.clone(), ours.clone());
                     async move {
-                        let r: Vec<i64> = ours
+                        let r: i64 = ours
                             .key(format!("rl:{{user-{}}}:bench", i % 1024))
-                            .arg("")
-                            .arg("1")
+                            .arg("c")
                             .arg(1u64)
                             .arg(1_000_000_000u64)
                             .arg(1u64)

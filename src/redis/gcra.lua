@@ -5,14 +5,18 @@
 -- KEYS[i]   the cell (theoretical arrival time, decimal nanoseconds) of
 --           request i. A key may repeat: a later request sees the earlier
 --           ones' consumption, exactly as check_all does.
--- ARGV[1]   ""  -> now = the server's TIME (app-server clock skew cannot
---                  widen a limit; keys expire after their reset time)
---           "N" -> now = N nanoseconds (explicit-time mode, for tests and
---                  callers with their own clock; keys do not expire)
--- ARGV[2]   "1" to consume (check), "0" to decide only (peek)
--- ARGV[3i], ARGV[3i+1], ARGV[3i+2]  interval_ns, burst, cost of request i
+-- ARGV[1]   mode: "c" to consume (check) or "p" to decide only (peek),
+--           followed by nothing -> now = the server's TIME (app-server clock
+--                  skew cannot widen a limit; keys expire after their reset
+--                  time)
+--           or by N -> now = N nanoseconds (explicit-time mode, for tests
+--                  and callers with their own clock; keys do not expire)
+-- ARGV[3i-1], ARGV[3i], ARGV[3i+1]  interval_ns, burst, cost of request i
 --
--- Returns { all_allowed, allowed_1, backlog_1, retry_1, allowed_2, ... }.
+-- Returns, for one request, one integer: `after` (>= 0) when allowed, or
+-- -(retry_after + 1) when denied (the caller derives the backlog from its
+-- own quota and cost); for several requests the array
+-- { all_allowed, allowed_1, backlog_1, retry_1, allowed_2, ... }.
 -- All-or-nothing: when any request is denied nothing is written.
 --
 -- Numbers: Lua 5.1 numbers are doubles, exact for integers below 2^53.
@@ -41,16 +45,17 @@ local function join(sec, ns)
   return format('%d%09d', sec, ns)
 end
 
-local explicit = ARGV[1] ~= ''
+local mode = ARGV[1]
+local explicit = #mode > 1
 local now_s, now_ns
 if explicit then
-  now_s, now_ns = split(ARGV[1])
+  now_s, now_ns = split(sub(mode, 2))
 else
   local t = call('TIME')
   now_s = tonumber(t[1])
   now_ns = tonumber(t[2]) * 1000
 end
-local write = ARGV[2] == '1'
+local write = sub(mode, 1, 1) == 'c'
 
 -- backlog = max(tat - now, 0), exactly, from the split parts.
 local function backlog_of(s, ns)
@@ -87,9 +92,9 @@ end
 if #KEYS == 1 then
   -- The common case, one limit: no per-key tables.
   local key = KEYS[1]
-  local interval = tonumber(ARGV[3])
-  local window = interval * tonumber(ARGV[4])
-  local cost = tonumber(ARGV[5])
+  local interval = tonumber(ARGV[2])
+  local window = interval * tonumber(ARGV[3])
+  local cost = tonumber(ARGV[4])
   local v = call('GET', key)
   local backlog = 0
   if v then
@@ -101,9 +106,9 @@ if #KEYS == 1 then
       local s, ns = advance(after)
       store(key, s, ns, after)
     end
-    return { 1, 1, after, 0 }
+    return after
   end
-  return { 0, 0, backlog, after - window }
+  return window - after - 1 -- = -(retry_after + 1)
 end
 
 -- Several limits, all or nothing (check_all).
@@ -112,7 +117,7 @@ local out = { 1 }
 local touched = {}
 for i = 1, #KEYS do
   local key = KEYS[i]
-  local base = 3 * i
+  local base = 3 * i - 1
   local interval = tonumber(ARGV[base])
   local window = interval * tonumber(ARGV[base + 1])
   local cost = tonumber(ARGV[base + 2])

@@ -96,15 +96,31 @@ impl GcraScript {
         for r in requests {
             inv.key(r.key);
         }
+        let mode = if consume { 'c' } else { 'p' };
         match now {
-            Some(now) => inv.arg(now.min(crate::rate::gcra::MAX_NANOS)),
-            None => inv.arg(""),
+            Some(now) => inv.arg(format!("{mode}{}", now.min(crate::rate::gcra::MAX_NANOS))),
+            None => inv.arg(if consume { "c" } else { "p" }),
         };
-        inv.arg(if consume { "1" } else { "0" });
         for r in requests {
             inv.arg(r.quota.interval_nanos())
                 .arg(r.quota.burst())
                 .arg(r.cost);
+        }
+        if let [r] = requests {
+            // One limit: one integer, `after` when allowed, -(retry + 1)
+            // when denied; the backlog follows from the quota and cost.
+            let v: i64 = backend.invoke(&inv).await?;
+            let (interval, window) = (r.quota.interval_nanos(), r.quota.window_nanos());
+            let cost = interval.saturating_mul(u64::from(r.cost));
+            let d = if v >= 0 {
+                Decision::new(true, r.quota.burst(), interval, v.unsigned_abs(), 0)
+            } else {
+                let retry = (v + 1).unsigned_abs();
+                let backlog = (retry + window).saturating_sub(cost);
+                Decision::new(false, r.quota.burst(), interval, backlog, retry)
+            };
+            decisions.push(d);
+            return Ok(d.allowed());
         }
         let out: Vec<i64> = backend.invoke(&inv).await?;
         if out.len() != 1 + 3 * requests.len() {
