@@ -18,6 +18,8 @@ fn main() -> Result<(), raceguard::Error> {
     once_and_single_flight()?;
     rate_limiting()?;
     locks()?;
+    sessions()?;
+    versioned_cache()?;
     println!("\nquickstart: all sections ran");
     Ok(())
 }
@@ -249,5 +251,76 @@ fn locks() -> Result<(), raceguard::Error> {
         println!("  B still holds the lock: {}", next.is_held());
         assert!(next.release().await?);
         Ok::<(), raceguard::Error>(())
+    })
+}
+
+/// Sessions: a session id is usable only by the user it belongs to.
+fn sessions() -> Result<(), raceguard::Error> {
+    use raceguard::SessionError;
+    use raceguard::session::{MemorySessionRegistry, SessionConfig, SessionRegistry};
+
+    println!("== sessions: ids bound to their user, CSPRNG ids, only digests stored");
+    let sessions = MemorySessionRegistry::new(SessionConfig::default());
+    let (alice, bob) = (UserId::new("alice")?, UserId::new("bob")?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let session = sessions.create(&alice).await?;
+        println!("  alice logged in: {:?}", session.session_id());
+
+        // Bob got hold of Alice's session id (a shared link, a log line).
+        match sessions.verify(&bob, session.session_id()).await {
+            Err(raceguard::Error::Session(SessionError::NotOwned)) => {
+                println!("  bob presenting alice's id: rejected (not owned)")
+            }
+            other => panic!("bob must not get alice's session: {other:?}"),
+        }
+        let key = sessions.verify(&alice, session.session_id()).await?;
+        println!("  alice's own check passes: state key {}", key.key()?);
+        Ok(())
+    })
+}
+
+/// Versioned cache namespaces (R03, R14): a user's message invalidates that
+/// user's cached history in one O(1) version bump; another user's entries
+/// stay cached, and a burst of misses loads once.
+fn versioned_cache() -> Result<(), raceguard::Error> {
+    use raceguard::cache::VersionedCache;
+
+    println!("== VersionedCache: per-user invalidation leaves other users' entries alone");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cache: VersionedCache<Vec<String>> = VersionedCache::new(10_000);
+        let (alice, bob) = (UserId::new("alice")?, UserId::new("bob")?);
+        let ttl = Duration::from_secs(300);
+        let history = |who: &'static str, n: usize| async move {
+            Ok::<_, std::io::Error>(vec![format!("{who}: message {n}")])
+        };
+        cache
+            .get_or_load(&alice, "history:50:0", ttl, || history("alice", 1))
+            .await?;
+        cache
+            .get_or_load(&bob, "history:50:0", ttl, || history("bob", 1))
+            .await?;
+
+        // Alice sends a message: one version bump for her scope only.
+        let version = cache.invalidate(&alice);
+        let a = cache
+            .get_or_load(&alice, "history:50:0", ttl, || history("alice", 2))
+            .await?;
+        let b = cache
+            .get_or_load(&bob, "history:50:0", ttl, || history("bob", 2))
+            .await?;
+        assert_eq!(a, ["alice: message 2"]); // reloaded under the new version
+        assert_eq!(b, ["bob: message 1"]); // still cached
+        let stats = cache.stats();
+        println!(
+            "alice invalidated (version {version}); bob's entry survived: {} hits, {} loads",
+            stats.hits, stats.loads
+        );
+        Ok(())
     })
 }

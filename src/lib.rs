@@ -48,6 +48,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod clock;
 mod error;
 pub mod keys;
@@ -57,6 +58,7 @@ pub mod rate;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+pub mod session;
 pub(crate) mod sync;
 
 #[cfg(feature = "test-util")]
@@ -66,8 +68,10 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 
+pub use cache::{CacheStats, VersionedCache};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, ErrorKind, Result, SessionError};
 pub use lock::{FencingToken, LockGuard, LockManager, LockName, LockOptions};
 pub use once::{InitError, OnceInit, Refreshable, SingleFlight};
 pub use rate::{Decision, KeyedRateLimiter, MultiLimit, Quota, RateLimiter};
+pub use session::{SessionId, SessionKey, SessionRegistry};

@@ -15,6 +15,9 @@
 #[path = "races/support.rs"]
 mod support;
 
+#[path = "races/r03_pattern_invalidation.rs"]
+mod r03_pattern_invalidation;
+
 #[path = "races/r05_connection_exhaustion.rs"]
 mod r05_connection_exhaustion;
 
@@ -38,3 +41,12 @@ mod r11_lazy_global_client;
 
 #[path = "races/r12_app_init_twice.rs"]
 mod r12_app_init_twice;
+
+#[path = "races/r14_cache_stampede.rs"]
+mod r14_cache_stampede;
+
+#[path = "races/r02_shared_session_dict.rs"]
+mod r02_shared_session_dict;
+
+#[path = "races/r04_session_hijack.rs"]
+mod r04_session_hijack;

@@ -5,6 +5,8 @@
 //! exactly the models.
 
 #[cfg(raceguard_loom)]
+mod loom_cache;
+#[cfg(raceguard_loom)]
 mod loom_clock;
 #[cfg(raceguard_loom)]
 mod loom_lock;
