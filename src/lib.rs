@@ -37,7 +37,7 @@
 //! | *(none)* | in-memory primitives, key encoding, clocks |
 //! | `redis` | Redis backends (single node, independent nodes) |
 //! | `cluster` | Redis Cluster (implies `redis`) |
-//! | `tower` | tower middleware |
+//! | `tower` | tower middleware (reserved: nothing yet) |
 //! | `test-util` | [`testing`]: a real `redis-server` harness and a forced-interleaving helper |
 //!
 //! ## Loom
