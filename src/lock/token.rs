@@ -37,7 +37,17 @@ impl Token {
     /// The token as 32 lowercase hex digits: the value stored in Redis.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn hex(self) -> String {
-        format!("{:032x}", self.0)
+        // Table-driven: `format!("{:032x}")` costs ~780 instructions here,
+        // on every acquire and release (measured with callgrind).
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in self.0.to_be_bytes().iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        std::str::from_utf8(&out)
+            .expect("hex digits are ASCII")
+            .to_owned()
     }
 
     /// 64 bits for seeding the jitter generator. The token is uniformly
