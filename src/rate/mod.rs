@@ -68,7 +68,7 @@ use crate::{Error, Result};
 
 /// Rejects a cost that could never be admitted.
 #[inline]
-fn validate_cost(cost: u32, quota: Quota) -> Result<()> {
+pub(crate) fn validate_cost(cost: u32, quota: Quota) -> Result<()> {
     if cost > quota.burst() {
         Err(cost_error(cost, quota, None))
     } else {
@@ -76,7 +76,7 @@ fn validate_cost(cost: u32, quota: Quota) -> Result<()> {
     }
 }
 
-fn validate_cost_named(cost: u32, quota: Quota, limit: &str) -> Result<()> {
+pub(crate) fn validate_cost_named(cost: u32, quota: Quota, limit: &str) -> Result<()> {
     if cost > quota.burst() {
         Err(cost_error(cost, quota, Some(limit)))
     } else {

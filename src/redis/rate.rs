@@ -22,7 +22,10 @@ use ::redis::Script;
 
 use super::RedisBackend;
 use crate::keys::{Key, Owner, ScopeId, UserId};
-use crate::rate::{Decision, KeyedRateLimiter, MultiDecision, Quota, RateLimiter};
+use crate::rate::{
+    Decision, KeyedRateLimiter, MultiDecision, Quota, RateLimiter, validate_cost,
+    validate_cost_named,
+};
 use crate::{Error, Result};
 
 const NAMESPACE: &str = "rl";
@@ -144,19 +147,6 @@ impl GcraScript {
         }
         Ok(out[0] == 1)
     }
-}
-
-fn validate_cost(cost: u32, quota: Quota, limit: &str) -> Result<()> {
-    if cost > quota.burst() {
-        return Err(Error::invalid(
-            "rate.cost",
-            format!(
-                "cost {cost} exceeds the burst {} of limit {limit:?}; it could never be admitted",
-                quota.burst()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn degraded(policy: FailurePolicy, quota: Quota, limit: &str, err: &Error) -> Option<Decision> {
@@ -302,7 +292,7 @@ impl RedisRateLimiter {
     }
 
     async fn run(&self, n: u32, now: Option<u64>, consume: bool) -> Result<Decision> {
-        validate_cost(n, self.quota, &self.name)?;
+        validate_cost(n, self.quota)?;
         let mut out = Vec::with_capacity(1);
         let req = [ScriptRequest {
             key: &self.key,
@@ -520,7 +510,7 @@ impl RedisKeyedRateLimiter {
         consume: bool,
     ) -> Result<Decision> {
         let quota = self.quota_for(owner);
-        validate_cost(n, quota, &self.name)?;
+        validate_cost(n, quota)?;
         let key = self.key_for(owner)?;
         let req = [ScriptRequest {
             key: &key,
@@ -656,7 +646,7 @@ impl RedisMultiLimit {
 
     async fn run(&self, n: u32, now: Option<u64>, consume: bool) -> Result<MultiDecision> {
         for (name, _, quota) in &self.limits {
-            validate_cost(n, *quota, name)?;
+            validate_cost_named(n, *quota, name)?;
         }
         let reqs: Vec<ScriptRequest<'_>> = self
             .limits
