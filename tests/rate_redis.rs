@@ -374,6 +374,24 @@ fn outage_answers_by_policy_and_recovers_without_rebuild() {
             admitted += usize::from(d.allowed());
         }
         assert_eq!(admitted, 3);
+        // ... including per-owner quotas from the resolver.
+        let vip = UserId::new("vip").unwrap();
+        let premium = mk(FailurePolicy::Local).with_quota_resolver(|u: &UserId| {
+            if u.as_str() == "vip" {
+                Quota::per_minute(5).unwrap()
+            } else {
+                Quota::per_minute(3).unwrap()
+            }
+        });
+        let mut admitted = 0;
+        for _ in 0..10 {
+            let d = tokio::time::timeout(guard, premium.check(&vip))
+                .await
+                .unwrap()
+                .unwrap();
+            admitted += usize::from(d.allowed());
+        }
+        assert_eq!(admitted, 5);
 
         server.restart().unwrap();
         // The same limiter works again; its state restarted empty (no

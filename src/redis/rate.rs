@@ -16,7 +16,7 @@
 //! made explicitly; every fallback emits a `tracing` warning.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ::redis::Script;
 
@@ -201,7 +201,8 @@ pub struct RedisRateLimiter {
     name: Arc<str>,
     quota: Quota,
     policy: FailurePolicy,
-    local: Arc<RateLimiter>,
+    /// Built on the first fallback (`FailurePolicy::Local` only); shared by clones.
+    local: Arc<OnceLock<RateLimiter>>,
 }
 
 impl fmt::Debug for RedisRateLimiter {
@@ -230,7 +231,7 @@ impl RedisRateLimiter {
             name: Arc::from(name),
             quota,
             policy: FailurePolicy::default(),
-            local: Arc::new(RateLimiter::new(quota)),
+            local: Arc::default(),
         })
     }
 
@@ -309,10 +310,11 @@ impl RedisRateLimiter {
             Err(e) => match degraded(self.policy, self.quota, &self.name, &e) {
                 Some(d) => Ok(d),
                 None if self.policy == FailurePolicy::Local => {
+                    let local = self.local.get_or_init(|| RateLimiter::new(self.quota));
                     if consume {
-                        self.local.check_n(n)
+                        local.check_n(n)
                     } else {
-                        self.local.peek_n(n)
+                        local.peek_n(n)
                     }
                 }
                 None => Err(e),
@@ -360,7 +362,9 @@ pub struct RedisKeyedRateLimiter {
     resolver: Option<Resolver>,
     layout: KeyLayout,
     policy: FailurePolicy,
-    local: Arc<KeyedRateLimiter<UserId>>,
+    /// Built on the first fallback (`FailurePolicy::Local` only) from the
+    /// quota and resolver; shared by clones.
+    local: Arc<OnceLock<KeyedRateLimiter<UserId>>>,
 }
 
 impl fmt::Debug for RedisKeyedRateLimiter {
@@ -391,7 +395,7 @@ impl RedisKeyedRateLimiter {
             resolver: None,
             layout: KeyLayout::default(),
             policy: FailurePolicy::default(),
-            local: Arc::new(KeyedRateLimiter::new(quota)),
+            local: Arc::default(),
         })
     }
 
@@ -401,15 +405,7 @@ impl RedisKeyedRateLimiter {
         mut self,
         resolve: impl Fn(&UserId) -> Quota + Send + Sync + 'static,
     ) -> Self {
-        let resolve = Arc::new(resolve);
-        let local_resolve = resolve.clone();
-        self.local = Arc::new(
-            KeyedRateLimiter::builder(self.quota)
-                .quota_resolver(move |k: &UserId| local_resolve(k))
-                .build()
-                .expect("default keyed limiter settings are valid"),
-        );
-        self.resolver = Some(resolve);
+        self.resolver = Some(Arc::new(resolve));
         self
     }
 
@@ -431,6 +427,16 @@ impl RedisKeyedRateLimiter {
             Some(r) => r(owner),
             None => self.quota,
         }
+    }
+
+    /// The in-memory limiter `FailurePolicy::Local` falls back to: same
+    /// quota, same resolver.
+    fn local_limiter(&self) -> KeyedRateLimiter<UserId> {
+        let mut b = KeyedRateLimiter::builder(self.quota);
+        if let Some(resolve) = self.resolver.clone() {
+            b = b.quota_resolver(move |k: &UserId| resolve(k));
+        }
+        b.build().expect("default keyed limiter settings are valid")
     }
 
     /// The Redis key of `owner`'s cell.
@@ -528,10 +534,11 @@ impl RedisKeyedRateLimiter {
             Err(e) => match degraded(self.policy, quota, &self.name, &e) {
                 Some(d) => Ok(d),
                 None if self.policy == FailurePolicy::Local => {
+                    let local = self.local.get_or_init(|| self.local_limiter());
                     if consume {
-                        self.local.check_n(owner, n)
+                        local.check_n(owner, n)
                     } else {
-                        self.local.peek_n(owner, n)
+                        local.peek_n(owner, n)
                     }
                 }
                 None => Err(e),
