@@ -37,7 +37,8 @@
 //! | *(none)* | in-memory primitives, key encoding, clocks |
 //! | `redis` | Redis backends (single node, independent nodes) |
 //! | `cluster` | Redis Cluster (implies `redis`) |
-//! | `tower` | tower middleware (reserved: nothing yet) |
+//! | `tower` | [`middleware`]: tower layers (rate limits with IETF `RateLimit` headers, load shedding, verified sessions, per-request clients) |
+//! | `metrics` | counters and gauges through the `metrics` facade |
 //! | `test-util` | [`testing`]: a real `redis-server` harness and a forced-interleaving helper |
 //!
 //! ## Loom
@@ -49,11 +50,16 @@
 #![forbid(unsafe_code)]
 
 pub mod cache;
+pub mod client;
 pub mod clock;
 mod error;
 pub mod keys;
 pub mod lock;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod middleware;
 pub mod once;
+pub mod queue;
 pub mod rate;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -50,3 +50,12 @@ mod r02_shared_session_dict;
 
 #[path = "races/r04_session_hijack.rs"]
 mod r04_session_hijack;
+
+#[path = "races/r01_shared_client_auth.rs"]
+mod r01_shared_client_auth;
+
+#[path = "races/r10_unbounded_webhooks.rs"]
+mod r10_unbounded_webhooks;
+
+#[path = "races/r13_global_user_state.rs"]
+mod r13_global_user_state;

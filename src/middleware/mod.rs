@@ -1,0 +1,3 @@
+//! tower middleware (feature `tower`).
+//!
+//! (Being built: issue 8.)

@@ -1,0 +1,3 @@
+//! A durable work queue on Redis Streams.
+//!
+//! (Being built: issue 8.)
