@@ -82,6 +82,7 @@ struct Inner<V> {
     flights: SingleFlight<FlightKey, V, LoadFailed>,
     counters: Counters,
     hasher: foldhash::fast::FixedState,
+    name: Option<Box<str>>,
 }
 
 struct Shard<V> {
@@ -119,6 +120,7 @@ impl<V> Clone for VersionedCache<V> {
 impl<V> fmt::Debug for VersionedCache<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("VersionedCache")
+            .field("name", &self.inner.name)
             .field("capacity", &(self.inner.shard_capacity * SHARDS))
             .field("stats", &self.stats())
             .finish_non_exhaustive()
@@ -135,6 +137,17 @@ impl<V> VersionedCache<V> {
     /// ```
     pub fn stats(&self) -> CacheStats {
         self.inner.counters.snapshot()
+    }
+
+    /// The name given with [`named`](Self::named), if any.
+    ///
+    /// ```
+    /// use raceguard::cache::VersionedCache;
+    /// let cache: VersionedCache<u8> = VersionedCache::new(100);
+    /// assert_eq!(cache.name(), None);
+    /// ```
+    pub fn name(&self) -> Option<&str> {
+        self.inner.name.as_deref()
     }
 }
 
@@ -176,10 +189,38 @@ impl<V: Clone> VersionedCache<V> {
                 next_version: AtomicU64::new(1),
                 clock: StdArc::new(clock),
                 flights: SingleFlight::new(),
-                counters: Counters::default(),
+                counters: Counters::new(None),
                 hasher: foldhash::fast::FixedState::with_seed(0x5eed_cace),
+                name: None,
             }),
         }
+    }
+
+    /// Names the cache: the `cache` label of its metrics (feature
+    /// `metrics`; `"unnamed"` otherwise) and [`name`](Self::name). Call it
+    /// where the cache is built, before cloning it and before the first
+    /// lookup: the counters start again from zero, and on a cache already
+    /// shared with clones the call changes nothing (and logs a warning).
+    ///
+    /// ```
+    /// use raceguard::cache::VersionedCache;
+    /// let cache: VersionedCache<String> = VersionedCache::new(1_000).named("chat-history");
+    /// assert_eq!(cache.name(), Some("chat-history"));
+    /// ```
+    #[must_use]
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        match StdArc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                inner.counters = Counters::new(Some(&name));
+                inner.name = Some(name.into_boxed_str());
+            }
+            None => tracing::warn!(
+                name = %name,
+                "VersionedCache::named on a cache already shared with clones: name not applied"
+            ),
+        }
+        self
     }
 
     /// Returns the current value of `item` in `scope`, or loads it.

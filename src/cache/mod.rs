@@ -20,6 +20,15 @@
 //! process through [`SingleFlight`](crate::once::SingleFlight): 1,000
 //! concurrent misses call the loader once.
 //!
+//! With the feature `metrics`, each cache mirrors its [`CacheStats`] to the
+//! [`metrics`](https://docs.rs/metrics) facade as counters labelled
+//! `cache=<name>` (`VersionedCache::named`, the Redis cache's name;
+//! `"unnamed"` otherwise): `raceguard_cache_hits_total`,
+//! `raceguard_cache_misses_total`, `raceguard_cache_loads_total` and
+//! `raceguard_cache_invalidations_total`. Scopes and items never become
+//! labels. Handles are registered when the cache is built (and named), with
+//! the recorder current then.
+//!
 //! ```
 //! use std::time::Duration;
 //! use raceguard::cache::VersionedCache;
@@ -101,31 +110,79 @@ impl CacheStats {
     }
 }
 
-/// The counters behind [`CacheStats`].
-#[derive(Debug, Default)]
+/// The `cache` label of a cache built without a name.
+#[cfg(feature = "metrics")]
+const UNNAMED: &str = "unnamed";
+
+/// The counters behind [`CacheStats`], mirrored (feature `metrics`) to the
+/// `metrics` facade:
+///
+/// | metric | labels | counts |
+/// |---|---|---|
+/// | `raceguard_cache_hits_total` | `cache` | lookups answered from the cache |
+/// | `raceguard_cache_misses_total` | `cache` | lookups that found no current value |
+/// | `raceguard_cache_loads_total` | `cache` | loader executions |
+/// | `raceguard_cache_invalidations_total` | `cache` | invalidations (version bumps) |
+///
+/// The handles are registered when the cache is built, with the recorder
+/// current then; scopes and items never become labels.
+#[derive(Debug)]
 pub(crate) struct Counters {
     hits: crate::sync::atomic::AtomicU64,
     misses: crate::sync::atomic::AtomicU64,
     loads: crate::sync::atomic::AtomicU64,
     invalidations: crate::sync::atomic::AtomicU64,
+    #[cfg(feature = "metrics")]
+    metrics: [metrics::Counter; 4],
 }
 
+#[cfg(feature = "metrics")]
+const HIT: usize = 0;
+#[cfg(feature = "metrics")]
+const MISS: usize = 1;
+#[cfg(feature = "metrics")]
+const LOAD: usize = 2;
+#[cfg(feature = "metrics")]
+const INVALIDATION: usize = 3;
+
 impl Counters {
+    /// Counters for the cache named `name`.
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn new(name: Option<&str>) -> Self {
+        use crate::sync::atomic::AtomicU64;
+        Counters {
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: register(name.unwrap_or(UNNAMED)),
+        }
+    }
+
     pub(crate) fn hit(&self) {
         self.hits
             .fetch_add(1, crate::sync::atomic::Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics[HIT].increment(1);
     }
     pub(crate) fn miss(&self) {
         self.misses
             .fetch_add(1, crate::sync::atomic::Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics[MISS].increment(1);
     }
     pub(crate) fn load(&self) {
         self.loads
             .fetch_add(1, crate::sync::atomic::Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics[LOAD].increment(1);
     }
     pub(crate) fn invalidation(&self) {
         self.invalidations
             .fetch_add(1, crate::sync::atomic::Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics[INVALIDATION].increment(1);
     }
     pub(crate) fn snapshot(&self) -> CacheStats {
         use crate::sync::atomic::Ordering::Relaxed;
@@ -136,6 +193,29 @@ impl Counters {
             invalidations: self.invalidations.load(Relaxed),
         }
     }
+}
+
+#[cfg(feature = "metrics")]
+fn register(cache: &str) -> [metrics::Counter; 4] {
+    const NAMES: [(&str, &str); 4] = [
+        (
+            "raceguard_cache_hits_total",
+            "Cache lookups answered from the cache.",
+        ),
+        (
+            "raceguard_cache_misses_total",
+            "Cache lookups that found no current value.",
+        ),
+        ("raceguard_cache_loads_total", "Cache loader executions."),
+        (
+            "raceguard_cache_invalidations_total",
+            "Cache invalidations (scope version bumps).",
+        ),
+    ];
+    NAMES.map(|(name, help)| {
+        metrics::describe_counter!(name, help);
+        metrics::counter!(name, "cache" => cache.to_owned())
+    })
 }
 
 /// The single-flight key of a load: a load is shared only by callers that

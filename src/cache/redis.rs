@@ -150,7 +150,7 @@ where
                 read: Script::new(include_str!("read.lua")),
                 invalidate: Script::new(include_str!("invalidate.lua")),
                 flights: SingleFlight::new(),
-                counters: Counters::default(),
+                counters: Counters::new(Some(name)),
                 _values: PhantomData,
             }),
         })

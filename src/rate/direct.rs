@@ -20,6 +20,7 @@
 use std::time::Duration;
 
 use super::gcra::{self, MAX_NANOS};
+use super::metrics::RateMetrics;
 use super::wait::{self, DirectQueue, WaitConfig};
 use super::{Decision, Quota, validate_cost};
 use crate::Result;
@@ -157,6 +158,8 @@ pub struct RateLimiter<C = SystemClock> {
     quota: Quota,
     clock: C,
     waiters: DirectQueue,
+    name: Option<Box<str>>,
+    metrics: RateMetrics,
 }
 
 impl RateLimiter<SystemClock> {
@@ -193,6 +196,7 @@ impl RateLimiter<SystemClock> {
             quota,
             clock: SystemClock::new(),
             wait: WaitConfig::default(),
+            name: None,
         }
     }
 }
@@ -215,6 +219,8 @@ impl<C: Clock> RateLimiter<C> {
             quota,
             clock,
             waiters: DirectQueue::new(WaitConfig::default()),
+            name: None,
+            metrics: RateMetrics::new(None),
         }
     }
 
@@ -229,7 +235,9 @@ impl<C: Clock> RateLimiter<C> {
     /// ```
     #[inline]
     pub fn check(&self) -> Decision {
-        self.cell.check(self.clock.now_nanos(), self.quota, 1)
+        let d = self.cell.check(self.clock.now_nanos(), self.quota, 1);
+        self.metrics.decision(&d);
+        d
     }
 
     /// Checks `n` cells at once (all or none).
@@ -306,7 +314,9 @@ impl<C: Clock> RateLimiter<C> {
     /// ```
     #[inline]
     pub fn check_at(&self, now_nanos: u64) -> Decision {
-        self.cell.check(now_nanos, self.quota, 1)
+        let d = self.cell.check(now_nanos, self.quota, 1);
+        self.metrics.decision(&d);
+        d
     }
 
     /// [`check_n`](RateLimiter::check_n) at a caller-provided timestamp.
@@ -328,7 +338,9 @@ impl<C: Clock> RateLimiter<C> {
     #[inline]
     pub fn check_n_at(&self, n: u32, now_nanos: u64) -> Result<Decision> {
         validate_cost(n, self.quota)?;
-        Ok(self.cell.check(now_nanos, self.quota, n))
+        let d = self.cell.check(now_nanos, self.quota, n);
+        self.metrics.decision(&d);
+        Ok(d)
     }
 
     /// [`peek`](RateLimiter::peek) at a caller-provided timestamp.
@@ -496,11 +508,34 @@ impl<C: Clock> RateLimiter<C> {
     /// enabled.
     pub async fn acquire_timeout(&self, n: u32, timeout: Duration) -> Result<Decision> {
         validate_cost(n, self.quota)?;
-        wait::acquire(&self.waiters, timeout, || self.check_n(n)).await
+        // Attempts inside the wait are not recorded; its outcome is, once.
+        let out = wait::acquire(&self.waiters, timeout, || {
+            Ok(self.cell.check(self.clock.now_nanos(), self.quota, n))
+        })
+        .await;
+        self.metrics.outcome(&out);
+        out
+    }
+
+    /// The name given in [`RateLimiterBuilder::name`], if any.
+    ///
+    /// ```
+    /// # use raceguard::rate::{Quota, RateLimiter};
+    /// let limiter = RateLimiter::builder(Quota::per_second(5)?).name("external-api").build();
+    /// assert_eq!(limiter.name(), Some("external-api"));
+    /// assert_eq!(RateLimiter::new(Quota::per_second(5)?).name(), None);
+    /// # Ok::<(), raceguard::Error>(())
+    /// ```
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     pub(crate) fn cell(&self) -> &TatCell {
         &self.cell
+    }
+
+    pub(crate) fn metrics(&self) -> &RateMetrics {
+        &self.metrics
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -526,6 +561,7 @@ pub struct RateLimiterBuilder<C> {
     quota: Quota,
     clock: C,
     wait: WaitConfig,
+    name: Option<String>,
 }
 
 impl<C: Clock> RateLimiterBuilder<C> {
@@ -543,7 +579,22 @@ impl<C: Clock> RateLimiterBuilder<C> {
             quota: self.quota,
             clock,
             wait: self.wait,
+            name: self.name,
         }
+    }
+
+    /// Names the limiter: the `limiter` label of its metrics (feature
+    /// `metrics`; `"unnamed"` otherwise) and [`RateLimiter::name`].
+    ///
+    /// ```
+    /// # use raceguard::rate::{Quota, RateLimiter};
+    /// let limiter = RateLimiter::builder(Quota::per_second(1)?).name("outbound").build();
+    /// assert_eq!(limiter.name(), Some("outbound"));
+    /// # Ok::<(), raceguard::Error>(())
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
     }
 
     /// The most callers queued in `until_ready`/`acquire` at once (default
@@ -593,6 +644,8 @@ impl<C: Clock> RateLimiterBuilder<C> {
             quota: self.quota,
             clock: self.clock,
             waiters: DirectQueue::new(self.wait),
+            metrics: RateMetrics::new(self.name.as_deref()),
+            name: self.name.map(String::into_boxed_str),
         }
     }
 }

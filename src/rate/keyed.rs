@@ -33,6 +33,7 @@ use std::num::NonZeroU64;
 use std::time::Duration;
 
 use super::gcra::{self, MAX_NANOS};
+use super::metrics::RateMetrics;
 use super::multi::{ErasedKeyed, LockedShard};
 use super::table::{Entry, Table};
 use super::wait::{self, KeyedQueues, WaitConfig};
@@ -68,7 +69,7 @@ const SWEEP_PER_INSERT: usize = 8;
 /// Further slots swept by an insertion that found the cap reached.
 pub(crate) const SWEEP_AT_CAP: usize = 64;
 
-const KEYS_RESOURCE: &str = "keyed rate limiter keys";
+pub(crate) const KEYS_RESOURCE: &str = "keyed rate limiter keys";
 
 type Resolver<K> = Box<dyn Fn(&K) -> Quota + Send + Sync>;
 
@@ -146,6 +147,8 @@ pub struct KeyedRateLimiter<K, C = SystemClock, S = DefaultHasher> {
     resolver: Option<Resolver<K>>,
     clock: C,
     waiters: KeyedQueues<K>,
+    name: Option<Box<str>>,
+    metrics: RateMetrics,
 }
 
 impl<K: Hash + Eq + Clone> KeyedRateLimiter<K, SystemClock, DefaultHasher> {
@@ -187,6 +190,7 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K, SystemClock, DefaultHasher> {
             shards: None,
             resolver: None,
             wait: WaitConfig::default(),
+            name: None,
         }
     }
 }
@@ -215,7 +219,9 @@ where
     #[inline]
     pub fn check(&self, key: &K) -> Result<Decision> {
         let quota = self.quota_for(key);
-        self.run(key, 1, self.clock.now_nanos(), true, quota)
+        let out = self.run(key, 1, self.clock.now_nanos(), true, quota);
+        self.metrics.outcome(&out);
+        out
     }
 
     /// Checks `n` cells for `key` at once (all or none).
@@ -294,7 +300,9 @@ where
     #[inline]
     pub fn check_at(&self, key: &K, now_nanos: u64) -> Result<Decision> {
         let quota = self.quota_for(key);
-        self.run(key, 1, now_nanos, true, quota)
+        let out = self.run(key, 1, now_nanos, true, quota);
+        self.metrics.outcome(&out);
+        out
     }
 
     /// [`check_n`](KeyedRateLimiter::check_n) at a caller-provided
@@ -313,7 +321,9 @@ where
     pub fn check_n_at(&self, key: &K, n: u32, now_nanos: u64) -> Result<Decision> {
         let quota = self.quota_for(key);
         validate_cost(n, quota)?;
-        self.run(key, n, now_nanos, true, quota)
+        let out = self.run(key, n, now_nanos, true, quota);
+        self.metrics.outcome(&out);
+        out
     }
 
     /// [`peek`](KeyedRateLimiter::peek) at a caller-provided timestamp.
@@ -509,6 +519,18 @@ where
         self.waiters.len()
     }
 
+    /// The name given in [`KeyedRateLimiterBuilder::name`], if any.
+    ///
+    /// ```
+    /// # use raceguard::rate::{KeyedRateLimiter, Quota};
+    /// let limiter = KeyedRateLimiter::<u64>::builder(Quota::per_second(2)?).name("per-user").build()?;
+    /// assert_eq!(limiter.name(), Some("per-user"));
+    /// # Ok::<(), raceguard::Error>(())
+    /// ```
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
     /// Entries actually in the tables (tests: `≤ tracked_keys()`).
     #[cfg(test)]
     pub(crate) fn table_entries(&self) -> usize {
@@ -691,13 +713,21 @@ where
     pub async fn acquire_timeout(&self, key: &K, n: u32, timeout: Duration) -> Result<Decision> {
         validate_cost(n, self.quota_for(key))?;
         let queue = self.waiters.for_key(key);
-        wait::acquire(&queue, timeout, || self.check_n(key, n)).await
+        // Attempts inside the wait are not recorded; its outcome is, once.
+        let out = wait::acquire(&queue, timeout, || {
+            let quota = self.quota_for(key);
+            self.run(key, n, self.clock.now_nanos(), true, quota)
+        })
+        .await;
+        self.metrics.outcome(&out);
+        out
     }
 }
 
 impl<K, C: fmt::Debug, S> fmt::Debug for KeyedRateLimiter<K, C, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedRateLimiter")
+            .field("name", &self.name)
             .field("quota", &self.quota)
             .field("per_key_quotas", &self.resolver.is_some())
             .field("tracked_keys", &self.tracked.load(Ordering::Relaxed))
@@ -733,6 +763,7 @@ pub struct KeyedRateLimiterBuilder<K, C, S> {
     shards: Option<usize>,
     resolver: Option<Resolver<K>>,
     wait: WaitConfig,
+    name: Option<String>,
 }
 
 impl<K, C: fmt::Debug, S> fmt::Debug for KeyedRateLimiterBuilder<K, C, S> {
@@ -743,6 +774,7 @@ impl<K, C: fmt::Debug, S> fmt::Debug for KeyedRateLimiterBuilder<K, C, S> {
             .field("max_keys", &self.max_keys)
             .field("shards", &self.shards)
             .field("per_key_quotas", &self.resolver.is_some())
+            .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
@@ -776,6 +808,7 @@ where
             shards: self.shards,
             resolver: self.resolver,
             wait: self.wait,
+            name: self.name,
         }
     }
 
@@ -799,6 +832,7 @@ where
             shards: self.shards,
             resolver: self.resolver,
             wait: self.wait,
+            name: self.name,
         }
     }
 
@@ -847,6 +881,21 @@ where
     /// ```
     pub fn quota_resolver(mut self, resolve: impl Fn(&K) -> Quota + Send + Sync + 'static) -> Self {
         self.resolver = Some(Box::new(resolve));
+        self
+    }
+
+    /// Names the limiter: the `limiter` label of its metrics (feature
+    /// `metrics`; `"unnamed"` otherwise) and [`KeyedRateLimiter::name`].
+    /// Keys never become labels (a label per user would be unbounded).
+    ///
+    /// ```
+    /// # use raceguard::rate::{KeyedRateLimiter, Quota};
+    /// let limiter = KeyedRateLimiter::<u64>::builder(Quota::per_second(1)?).name("per-user").build()?;
+    /// assert_eq!(limiter.name(), Some("per-user"));
+    /// # Ok::<(), raceguard::Error>(())
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
         self
     }
 
@@ -928,6 +977,8 @@ where
             resolver: self.resolver,
             clock: self.clock,
             waiters: KeyedQueues::new(self.wait),
+            metrics: RateMetrics::new(self.name.as_deref()),
+            name: self.name.map(String::into_boxed_str),
         })
     }
 }
@@ -1022,6 +1073,10 @@ where
 
     fn id(&self) -> u64 {
         self.id
+    }
+
+    fn metrics(&self) -> &RateMetrics {
+        &self.metrics
     }
 }
 

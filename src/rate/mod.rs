@@ -45,12 +45,40 @@
 //!
 //! Exact semantics, accuracy, the memory bound and clock behaviour are in
 //! `docs/GUARANTEES.md`.
+//!
+//! ## Metrics
+//!
+//! With the feature `metrics`, every limiter (memory and Redis) reports
+//! through the [`metrics`](https://docs.rs/metrics) facade, labelled with its
+//! name (`RateLimiterBuilder::name`, `KeyedRateLimiterBuilder::name`, the
+//! Redis limiter's name; `"unnamed"` otherwise). Keys never become labels.
+//!
+//! | counter | labels | counts |
+//! |---|---|---|
+//! | `raceguard_rate_admitted_total` | `limiter` | admitted consuming checks; waits (`until_ready`, `acquire`) that returned, once per wait; multi-limit checks that allowed, once per limiter involved |
+//! | `raceguard_rate_denied_total` | `limiter`, `reason` | `reason="limit"`: checks denied by the quota (for a multi-limit, each limiter that denied); `"wait_timeout"`, `"queue_full"`: waits refused; `"key_cap"`: a keyed limiter at its key cap |
+//!
+//! Peeks, impossible costs and backend errors count nothing; a Redis
+//! limiter's failure-policy decisions (fail open, fail closed, local
+//! fallback) count as admitted or denied like any other. Handles are
+//! registered when the limiter is built, with the recorder current then (so
+//! install the recorder first); a check then costs one counter increment.
+//!
+//! ```
+//! # #[cfg(feature = "metrics")] {
+//! use raceguard::rate::{Quota, RateLimiter};
+//! let limiter = RateLimiter::builder(Quota::per_second(100)?).name("external-api").build();
+//! limiter.check(); // raceguard_rate_admitted_total{limiter="external-api"} += 1
+//! # }
+//! # Ok::<(), raceguard::Error>(())
+//! ```
 
 mod decision;
 mod direct;
 pub mod gcra;
 mod keyed;
 mod limit;
+pub(crate) mod metrics;
 mod multi;
 mod quota;
 mod table;

@@ -29,6 +29,7 @@ use std::time::Duration;
 use super::direct::TatCell;
 use super::gcra::{self, CellRequest};
 use super::keyed::SWEEP_AT_CAP;
+use super::metrics::RateMetrics;
 use super::{Decision, KeyedRateLimiter, Quota, RateLimiter, validate_cost_named};
 use crate::clock::Clock;
 use crate::{Error, Result};
@@ -47,6 +48,7 @@ pub(crate) trait ErasedKeyed: Sync {
     fn release(&self, n: usize);
     fn full_error(&self) -> Error;
     fn id(&self) -> u64;
+    fn metrics(&self) -> &RateMetrics;
 }
 
 /// A locked shard of a keyed limiter.
@@ -68,6 +70,7 @@ trait ErasedDirect: Sync {
     fn id(&self) -> u64;
     fn quota(&self) -> Quota;
     fn now(&self) -> u64;
+    fn metrics(&self) -> &RateMetrics;
 }
 
 impl<C: Clock> ErasedDirect for RateLimiter<C> {
@@ -82,6 +85,9 @@ impl<C: Clock> ErasedDirect for RateLimiter<C> {
     }
     fn now(&self) -> u64 {
         self.clock().now_nanos()
+    }
+    fn metrics(&self) -> &RateMetrics {
+        RateLimiter::metrics(self)
     }
 }
 
@@ -420,6 +426,7 @@ impl<'a> MultiLimit<'a> {
                     for r in reserved {
                         r.release(1);
                     }
+                    l.metrics().key_cap();
                     return Err(l.full_error());
                 }
                 reserved.push(l);
@@ -440,6 +447,9 @@ impl<'a> MultiLimit<'a> {
             }
         }
         drop(held);
+        if consume {
+            record(parts, allowed, &decisions);
+        }
 
         let named: Vec<(&'static str, Decision)> = parts
             .iter()
@@ -448,6 +458,33 @@ impl<'a> MultiLimit<'a> {
             .collect();
         debug_assert_eq!(allowed, named.iter().all(|(_, d)| d.allowed()));
         Ok(MultiDecision::from_parts(named))
+    }
+}
+
+/// Records a consuming check once per distinct limiter: admitted when the
+/// check allowed, denied for each limiter with a part that denied.
+fn record(parts: &[Part<'_>], allowed: bool, decisions: &[Decision]) {
+    let id = |p: &Part<'_>| match p.target {
+        Target::Direct(l) => l.id(),
+        Target::Keyed(l, _) => l.id(),
+    };
+    for (i, part) in parts.iter().enumerate() {
+        if parts[..i].iter().any(|q| id(q) == id(part)) {
+            continue;
+        }
+        let metrics = match part.target {
+            Target::Direct(l) => l.metrics(),
+            Target::Keyed(l, _) => l.metrics(),
+        };
+        if allowed {
+            metrics.admitted();
+        } else if parts
+            .iter()
+            .zip(decisions)
+            .any(|(q, d)| id(q) == id(part) && d.denied())
+        {
+            metrics.denied();
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use ::redis::Script;
 
 use super::RedisBackend;
 use crate::keys::{Key, Owner, ScopeId, UserId};
+use crate::rate::metrics::{RateMetrics, unmetered};
 use crate::rate::{
     Decision, KeyedRateLimiter, MultiDecision, Quota, RateLimiter, validate_cost,
     validate_cost_named,
@@ -203,6 +204,7 @@ pub struct RedisRateLimiter {
     policy: FailurePolicy,
     /// Built on the first fallback (`FailurePolicy::Local` only); shared by clones.
     local: Arc<OnceLock<RateLimiter>>,
+    metrics: RateMetrics,
 }
 
 impl fmt::Debug for RedisRateLimiter {
@@ -232,6 +234,7 @@ impl RedisRateLimiter {
             quota,
             policy: FailurePolicy::default(),
             local: Arc::default(),
+            metrics: RateMetrics::new(Some(name)),
         })
     }
 
@@ -293,6 +296,14 @@ impl RedisRateLimiter {
     }
 
     async fn run(&self, n: u32, now: Option<u64>, consume: bool) -> Result<Decision> {
+        let out = self.decide(n, now, consume).await;
+        if consume {
+            self.metrics.outcome(&out);
+        }
+        out
+    }
+
+    async fn decide(&self, n: u32, now: Option<u64>, consume: bool) -> Result<Decision> {
         validate_cost(n, self.quota)?;
         let mut out = Vec::with_capacity(1);
         let req = [ScriptRequest {
@@ -310,7 +321,9 @@ impl RedisRateLimiter {
             Err(e) => match degraded(self.policy, self.quota, &self.name, &e) {
                 Some(d) => Ok(d),
                 None if self.policy == FailurePolicy::Local => {
-                    let local = self.local.get_or_init(|| RateLimiter::new(self.quota));
+                    let local = self
+                        .local
+                        .get_or_init(|| unmetered(|| RateLimiter::new(self.quota)));
                     if consume {
                         local.check_n(n)
                     } else {
@@ -365,6 +378,7 @@ pub struct RedisKeyedRateLimiter {
     /// Built on the first fallback (`FailurePolicy::Local` only) from the
     /// quota and resolver; shared by clones.
     local: Arc<OnceLock<KeyedRateLimiter<UserId>>>,
+    metrics: RateMetrics,
 }
 
 impl fmt::Debug for RedisKeyedRateLimiter {
@@ -396,6 +410,7 @@ impl RedisKeyedRateLimiter {
             layout: KeyLayout::default(),
             policy: FailurePolicy::default(),
             local: Arc::default(),
+            metrics: RateMetrics::new(Some(name)),
         })
     }
 
@@ -436,7 +451,7 @@ impl RedisKeyedRateLimiter {
         if let Some(resolve) = self.resolver.clone() {
             b = b.quota_resolver(move |k: &UserId| resolve(k));
         }
-        b.build().expect("default keyed limiter settings are valid")
+        unmetered(|| b.build()).expect("default keyed limiter settings are valid")
     }
 
     /// The Redis key of `owner`'s cell.
@@ -515,6 +530,20 @@ impl RedisKeyedRateLimiter {
         now: Option<u64>,
         consume: bool,
     ) -> Result<Decision> {
+        let out = self.decide(owner, n, now, consume).await;
+        if consume {
+            self.metrics.outcome(&out);
+        }
+        out
+    }
+
+    async fn decide(
+        &self,
+        owner: &UserId,
+        n: u32,
+        now: Option<u64>,
+        consume: bool,
+    ) -> Result<Decision> {
         let quota = self.quota_for(owner);
         validate_cost(n, quota)?;
         let key = self.key_for(owner)?;
@@ -579,6 +608,8 @@ pub struct RedisMultiLimit {
     backend: RedisBackend,
     script: GcraScript,
     limits: Vec<(&'static str, Key, Quota)>,
+    /// Per limit: the limiter's identity (its shared name) and counters.
+    metrics: Vec<(Arc<str>, RateMetrics)>,
 }
 
 impl fmt::Debug for GcraScript {
@@ -590,18 +621,44 @@ impl fmt::Debug for GcraScript {
 }
 
 impl RedisMultiLimit {
+    /// Records a consuming check once per distinct limiter (clones of a
+    /// limiter share its name's allocation): admitted when every limit
+    /// allowed, denied for each limiter with a limit that denied.
+    fn record(&self, decisions: &[Decision]) {
+        let allowed = decisions.iter().all(Decision::allowed);
+        for (i, (name, metrics)) in self.metrics.iter().enumerate() {
+            let same = |(other, _): &(Arc<str>, RateMetrics)| Arc::ptr_eq(other, name);
+            if self.metrics[..i].iter().any(same) {
+                continue;
+            }
+            if allowed {
+                metrics.admitted();
+            } else if self
+                .metrics
+                .iter()
+                .zip(decisions)
+                .any(|(m, d)| same(m) && d.denied())
+            {
+                metrics.denied();
+            }
+        }
+    }
+
     /// An empty multi-limit on `backend`.
     pub fn new(backend: &RedisBackend) -> Self {
         RedisMultiLimit {
             backend: backend.clone(),
             script: GcraScript::new(),
             limits: Vec::new(),
+            metrics: Vec::new(),
         }
     }
 
     /// Adds a global limiter.
     pub fn global(mut self, name: &'static str, limiter: &RedisRateLimiter) -> Self {
         self.limits.push((name, limiter.key.clone(), limiter.quota));
+        self.metrics
+            .push((limiter.name.clone(), limiter.metrics.clone()));
         self
     }
 
@@ -618,6 +675,8 @@ impl RedisMultiLimit {
     ) -> Result<Self> {
         self.limits
             .push((name, limiter.key_for(owner)?, limiter.quota_for(owner)));
+        self.metrics
+            .push((limiter.name.clone(), limiter.metrics.clone()));
         Ok(self)
     }
 
@@ -668,6 +727,9 @@ impl RedisMultiLimit {
         self.script
             .run(&self.backend, &reqs, now, consume, &mut out)
             .await?;
+        if consume {
+            self.record(&out);
+        }
         Ok(MultiDecision::from_parts(
             self.limits
                 .iter()
