@@ -75,9 +75,11 @@ pub mod testing;
 mod tests;
 
 pub use cache::{CacheStats, VersionedCache};
+pub use client::{BearerToken, ClientFactory, SharedClient};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, ErrorKind, Result, SessionError};
 pub use lock::{FencingToken, LockGuard, LockManager, LockName, LockOptions};
 pub use once::{InitError, OnceInit, Refreshable, SingleFlight};
+pub use queue::WorkQueue;
 pub use rate::{Decision, KeyedRateLimiter, MultiLimit, Quota, RateLimiter};
 pub use session::{SessionId, SessionKey, SessionRegistry};
