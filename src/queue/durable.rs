@@ -25,6 +25,9 @@
 //! - **Worker loop.** [`Consumer::run`] reclaims, reads, runs a handler on
 //!   up to N jobs at once, acknowledges successes, leaves failures pending
 //!   for a retry, and stops at a shutdown signal after finishing its batch.
+//! - **Metrics** (feature `metrics`): submits by result, acks by outcome,
+//!   reclaims and dead letters, counted from replies the queue already reads
+//!   (no extra round trip); see the [queue module docs](super#metrics).
 //!
 //! # Exactly-once completion
 //!
@@ -359,6 +362,7 @@ struct Inner {
     dead: Key,
     config: DurableQueueConfig,
     scripts: Scripts,
+    metrics: DurableMetrics,
 }
 
 /// A bounded, durable work queue on a Redis stream. Cheap to clone.
@@ -553,8 +557,10 @@ impl DurableQueue {
             .owner(&name)
             .part("dead")
             .build()?;
+        let metrics = DurableMetrics::new(name.as_str());
         Ok(DurableQueue {
             inner: Arc::new(Inner {
+                metrics,
                 backend,
                 namespace: config.namespace.clone(),
                 name,
@@ -662,7 +668,9 @@ impl DurableQueue {
         let parts = items(&reply).ok_or_else(bad)?;
         match parts {
             [code, id] if int(code) == Some(1) => {
-                Ok(Submitted::Accepted(JobId(text(id).ok_or_else(bad)?)))
+                let id = JobId(text(id).ok_or_else(bad)?);
+                self.inner.metrics.submitted(SubmitResult::Accepted);
+                Ok(Submitted::Accepted(id))
             }
             [code, id, state] if int(code) == Some(0) => {
                 let status = match text(state).as_deref() {
@@ -671,15 +679,17 @@ impl DurableQueue {
                     Some("x") => JobStatus::DeadLettered,
                     _ => return Err(bad()),
                 };
-                Ok(Submitted::Duplicate {
-                    id: JobId(text(id).ok_or_else(bad)?),
-                    status,
+                let id = JobId(text(id).ok_or_else(bad)?);
+                self.inner.metrics.submitted(SubmitResult::Duplicate);
+                Ok(Submitted::Duplicate { id, status })
+            }
+            [code] if int(code) == Some(-1) => {
+                self.inner.metrics.submitted(SubmitResult::Full);
+                Err(Error::CapacityExceeded {
+                    resource: RESOURCE,
+                    capacity: self.inner.config.capacity,
                 })
             }
-            [code] if int(code) == Some(-1) => Err(Error::CapacityExceeded {
-                resource: RESOURCE,
-                capacity: self.inner.config.capacity,
-            }),
             _ => Err(bad()),
         }
     }
@@ -1012,7 +1022,9 @@ impl Consumer {
         if !malformed.is_empty() {
             let ids: Vec<(String, Option<Key>)> =
                 malformed.into_iter().map(|id| (id, None)).collect();
-            self.settle(&ids).await?;
+            let verdicts = self.settle(&ids).await?;
+            let dead = verdicts.iter().filter(|(v, _)| *v == 2).count();
+            self.queue.inner.metrics.dead_lettered(dead);
         }
         Ok(out)
     }
@@ -1190,10 +1202,14 @@ impl Consumer {
                     })
                     .collect::<Result<_>>()?;
                 let verdicts = self.settle(&keyed).await?;
+                let metrics = &self.queue.inner.metrics;
                 for (e, (verdict, attempts)) in entries.iter().zip(verdicts) {
-                    if verdict == 3
+                    if verdict == 2 {
+                        metrics.dead_lettered(1);
+                    } else if verdict == 3
                         && let Some(d) = self.delivery(e, attempts)
                     {
+                        metrics.reclaimed();
                         out.push(d);
                     }
                 }
@@ -1497,13 +1513,125 @@ impl Delivery {
             .arg(&*self.consumer.name)
             .arg(millis(queue.inner.config.dedupe_ttl));
         let code: i64 = queue.inner.backend.invoke(&inv).await?;
-        match code {
-            1 => Ok(AckOutcome::Completed),
-            2 => Ok(AckOutcome::AlreadyCompleted),
-            3 => Ok(AckOutcome::NotOwned),
-            other => Err(protocol(format!("durable ack script returned {other}"))),
+        let outcome = match code {
+            1 => AckOutcome::Completed,
+            2 => AckOutcome::AlreadyCompleted,
+            3 => AckOutcome::NotOwned,
+            other => return Err(protocol(format!("durable ack script returned {other}"))),
+        };
+        queue.inner.metrics.acked(outcome);
+        Ok(outcome)
+    }
+}
+
+/// What a submit did, for `raceguard_durable_queue_submitted_total`.
+#[derive(Debug, Clone, Copy)]
+enum SubmitResult {
+    Accepted,
+    Duplicate,
+    Full,
+}
+
+/// The queue's handles in the `metrics` facade (see the [queue module
+/// docs](super#metrics)), registered once by [`DurableQueue::new`] with the
+/// recorder current then, labelled with the queue's name only. Counted from
+/// the replies the queue already reads: no extra round trip. Without the
+/// feature: zero-sized, every call a no-op.
+#[cfg(feature = "metrics")]
+struct DurableMetrics {
+    accepted: metrics::Counter,
+    duplicate: metrics::Counter,
+    full: metrics::Counter,
+    completed: metrics::Counter,
+    already_completed: metrics::Counter,
+    not_owned: metrics::Counter,
+    reclaimed: metrics::Counter,
+    dead_lettered: metrics::Counter,
+}
+
+#[cfg(not(feature = "metrics"))]
+struct DurableMetrics;
+
+#[cfg(feature = "metrics")]
+impl DurableMetrics {
+    fn new(queue: &str) -> Self {
+        const SUBMITTED: &str = "raceguard_durable_queue_submitted_total";
+        const ACKED: &str = "raceguard_durable_queue_acked_total";
+        const RECLAIMED: &str = "raceguard_durable_queue_reclaimed_total";
+        const DEAD: &str = "raceguard_durable_queue_dead_lettered_total";
+        metrics::describe_counter!(SUBMITTED, "Durable queue submits answered, by result.");
+        metrics::describe_counter!(ACKED, "Durable queue acknowledgements, by outcome.");
+        metrics::describe_counter!(
+            RECLAIMED,
+            "Durable queue jobs taken over from a consumer and delivered again."
+        );
+        metrics::describe_counter!(DEAD, "Durable queue entries moved to the dead letters.");
+        let queue = queue.to_owned();
+        let submitted = |result: &'static str| metrics::counter!(SUBMITTED, "queue" => queue.clone(), "result" => result);
+        let acked = |outcome: &'static str| metrics::counter!(ACKED, "queue" => queue.clone(), "outcome" => outcome);
+        DurableMetrics {
+            accepted: submitted("accepted"),
+            duplicate: submitted("duplicate"),
+            full: submitted("full"),
+            completed: acked("completed"),
+            already_completed: acked("already_completed"),
+            not_owned: acked("not_owned"),
+            reclaimed: metrics::counter!(RECLAIMED, "queue" => queue.clone()),
+            dead_lettered: metrics::counter!(DEAD, "queue" => queue.clone()),
         }
     }
+
+    #[inline]
+    fn submitted(&self, result: SubmitResult) {
+        match result {
+            SubmitResult::Accepted => &self.accepted,
+            SubmitResult::Duplicate => &self.duplicate,
+            SubmitResult::Full => &self.full,
+        }
+        .increment(1);
+    }
+
+    #[inline]
+    fn acked(&self, outcome: AckOutcome) {
+        match outcome {
+            AckOutcome::Completed => &self.completed,
+            AckOutcome::AlreadyCompleted => &self.already_completed,
+            AckOutcome::NotOwned => &self.not_owned,
+        }
+        .increment(1);
+    }
+
+    #[inline]
+    fn reclaimed(&self) {
+        self.reclaimed.increment(1);
+    }
+
+    #[inline]
+    fn dead_lettered(&self, n: usize) {
+        if n > 0 {
+            self.dead_lettered.increment(n as u64);
+        }
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+impl DurableMetrics {
+    #[inline(always)]
+    fn new(_queue: &str) -> Self {
+        DurableMetrics
+    }
+
+    #[inline(always)]
+    fn submitted(&self, _result: SubmitResult) {}
+
+    #[inline(always)]
+    fn acked(&self, _outcome: AckOutcome) {}
+
+    #[inline(always)]
+    fn reclaimed(&self) {}
+
+    #[inline(always)]
+    fn dead_lettered(&self, _n: usize) {}
 }
 
 #[cfg(test)]

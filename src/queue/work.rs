@@ -116,6 +116,8 @@ struct Inner<J, R, K> {
     workers: usize,
     handler: Box<Handler<J, R>>,
     limiter: Option<Box<LimitFn>>,
+    name: Option<String>,
+    metrics: QueueMetrics,
     /// Wakes idle workers (one per job; all on close).
     work: Notify,
     /// Wakes workers paused by the limiter when jobs are handed back.
@@ -190,6 +192,7 @@ pub struct WorkQueueBuilder<J, R, K = String> {
     capacity: usize,
     workers: usize,
     limiter: Option<Box<LimitFn>>,
+    name: Option<String>,
     _types: PhantomData<fn(J, K) -> R>,
 }
 
@@ -199,6 +202,7 @@ impl<J, R, K> fmt::Debug for WorkQueueBuilder<J, R, K> {
             .field("capacity", &self.capacity)
             .field("workers", &self.workers)
             .field("rate_limit", &self.limiter.is_some())
+            .field("name", &self.name)
             .finish()
     }
 }
@@ -225,6 +229,7 @@ impl<J, R> WorkQueue<J, R> {
             capacity: DEFAULT_CAPACITY,
             workers: 1,
             limiter: None,
+            name: None,
             _types: PhantomData,
         }
     }
@@ -322,6 +327,26 @@ impl<J, R, K> WorkQueueBuilder<J, R, K> {
         self
     }
 
+    /// Names the queue: the `queue` label of its metrics (feature
+    /// `metrics`; `"unnamed"` otherwise) and [`WorkQueue::name`]. Use a
+    /// fixed name per queue, never a user's key; give each live queue its
+    /// own name (queues sharing a name add up their counters but overwrite
+    /// each other's depth gauge).
+    ///
+    /// ```
+    /// use raceguard::queue::WorkQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), raceguard::Error> {
+    /// let queue = WorkQueue::builder().name("webhooks").build(|n: u8| async move { n })?;
+    /// assert_eq!(queue.name(), Some("webhooks"));
+    /// # Ok(()) }
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
     /// Changes the key type of [`submit_keyed`](WorkQueue::submit_keyed)
     /// (default `String`), e.g. to [`UserId`](crate::keys::UserId).
     ///
@@ -343,6 +368,7 @@ impl<J, R, K> WorkQueueBuilder<J, R, K> {
             capacity: self.capacity,
             workers: self.workers,
             limiter: self.limiter,
+            name: self.name,
             _types: PhantomData,
         }
     }
@@ -406,6 +432,8 @@ impl<J, R, K> WorkQueueBuilder<J, R, K> {
             workers: self.workers,
             handler: Box::new(move |job| Box::pin(handler(job))),
             limiter: self.limiter,
+            metrics: QueueMetrics::new(self.name.as_deref()),
+            name: self.name,
             work: Notify::new(),
             hand_back: Notify::new(),
         });
@@ -497,9 +525,11 @@ where
         let (tx, rx) = oneshot::channel();
         let mut st = inner.state.lock();
         if st.mode != Mode::Open {
+            inner.metrics.rejected_closed();
             return Err(closed());
         }
         if st.queued >= inner.capacity {
+            inner.metrics.rejected_full();
             return Err(Error::CapacityExceeded {
                 resource: "work queue",
                 capacity: inner.capacity,
@@ -509,6 +539,8 @@ where
         st.next_seq += 1;
         st.accepted += 1;
         st.queued += 1;
+        inner.metrics.submitted();
+        inner.metrics.depth(st.queued);
         let wake = match key {
             None => {
                 st.ready.push_back(Entry {
@@ -610,6 +642,20 @@ where
     /// ```
     pub fn is_full(&self) -> bool {
         self.inner.state.lock().queued >= self.inner.capacity
+    }
+
+    /// The name given in [`WorkQueueBuilder::name`], if any.
+    ///
+    /// ```
+    /// # use raceguard::queue::WorkQueue;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), raceguard::Error> {
+    /// let queue = WorkQueue::builder().build(|n: u8| async move { n })?;
+    /// assert_eq!(queue.name(), None);
+    /// # Ok(()) }
+    /// ```
+    pub fn name(&self) -> Option<&str> {
+        self.inner.name.as_deref()
     }
 
     /// The number of worker tasks.
@@ -752,6 +798,7 @@ where
         let mut st = self.inner.state.lock();
         // A worker aborted while paused by the limiter left its job held.
         let held: Vec<_> = st.held.iter_mut().filter_map(Option::take).collect();
+        self.inner.metrics.handed_back(held.len());
         for e in held {
             st.handed_back.push((e.seq, e.job));
         }
@@ -791,6 +838,8 @@ where
         }
         entries.extend(st.held.iter_mut().filter_map(Option::take));
         st.queued = 0;
+        self.metrics.depth(0);
+        self.metrics.handed_back(entries.len());
         for e in entries {
             st.handed_back.push((e.seq, e.job));
         }
@@ -826,6 +875,7 @@ where
             return (st.mode == Mode::Draining && st.queued == 0).then_some(None);
         };
         st.queued -= 1;
+        self.metrics.depth(st.queued);
         if start {
             st.running += 1;
         }
@@ -908,6 +958,7 @@ where
                 {
                     let mut st = inner.state.lock();
                     if st.mode == Mode::HandingBack {
+                        inner.metrics.handed_back(1);
                         st.handed_back.push((entry.seq, entry.job));
                         return;
                     }
@@ -928,6 +979,7 @@ where
                     Err(e) => {
                         tracing::warn!(error = %e, "work queue: rate limiter failed; job not run");
                         st.completed += 1;
+                        inner.metrics.completed(Outcome::LimiterError);
                         let wake = release(&mut st, entry.key.as_ref());
                         drop(st);
                         if wake {
@@ -939,7 +991,15 @@ where
                 }
             }
         };
+        // Counts the job as aborted if this future is dropped (a shutdown
+        // deadline, the runtime going away) before the handler finished.
+        let run = inner.metrics.running();
         let out = run_caught(|| (inner.handler)(job)).await;
+        run.finish(if out.is_ok() {
+            Outcome::Ok
+        } else {
+            Outcome::Panicked
+        });
         let mut st = inner.state.lock();
         st.running -= 1;
         st.completed += 1;
@@ -1000,5 +1060,178 @@ impl<J, R, K> fmt::Debug for WorkQueue<J, R, K> {
             .field("running", &st.running)
             .field("mode", &st.mode)
             .finish_non_exhaustive()
+    }
+}
+
+/// How a job that left the queue ended, for `raceguard_queue_completed_total`.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// The handler returned.
+    Ok,
+    /// The handler panicked (caught).
+    Panicked,
+    /// The rate limiter failed; the handler was not run.
+    LimiterError,
+}
+
+/// The `queue` label of a queue built without a name.
+#[cfg(feature = "metrics")]
+const UNNAMED: &str = "unnamed";
+
+/// The queue's handles in the `metrics` facade (see the [module
+/// docs](super#metrics)), registered once when the queue is built, with the
+/// recorder current then. Without the feature: zero-sized, every call a
+/// no-op.
+#[cfg(feature = "metrics")]
+struct QueueMetrics {
+    submitted: metrics::Counter,
+    rejected_full: metrics::Counter,
+    rejected_closed: metrics::Counter,
+    ok: metrics::Counter,
+    panicked: metrics::Counter,
+    limiter_error: metrics::Counter,
+    aborted: metrics::Counter,
+    handed_back: metrics::Counter,
+    depth: metrics::Gauge,
+}
+
+#[cfg(not(feature = "metrics"))]
+struct QueueMetrics;
+
+#[cfg(feature = "metrics")]
+impl QueueMetrics {
+    fn new(name: Option<&str>) -> Self {
+        const SUBMITTED: &str = "raceguard_queue_submitted_total";
+        const REJECTED: &str = "raceguard_queue_rejected_total";
+        const COMPLETED: &str = "raceguard_queue_completed_total";
+        const DEPTH: &str = "raceguard_queue_depth";
+        metrics::describe_counter!(SUBMITTED, "Jobs accepted by a work queue.");
+        metrics::describe_counter!(REJECTED, "Jobs a work queue refused at submit, by reason.");
+        metrics::describe_counter!(
+            COMPLETED,
+            "Accepted jobs that left a work queue, by outcome."
+        );
+        metrics::describe_gauge!(DEPTH, "Jobs queued in a work queue, not yet started.");
+        let queue = name.unwrap_or(UNNAMED).to_owned();
+        let rejected = |reason: &'static str| metrics::counter!(REJECTED, "queue" => queue.clone(), "reason" => reason);
+        let completed = |outcome: &'static str| metrics::counter!(COMPLETED, "queue" => queue.clone(), "outcome" => outcome);
+        let depth = metrics::gauge!(DEPTH, "queue" => queue.clone());
+        depth.set(0.0);
+        QueueMetrics {
+            submitted: metrics::counter!(SUBMITTED, "queue" => queue.clone()),
+            rejected_full: rejected("full"),
+            rejected_closed: rejected("closed"),
+            ok: completed("ok"),
+            panicked: completed("panicked"),
+            limiter_error: completed("limiter_error"),
+            aborted: completed("aborted"),
+            handed_back: completed("handed_back"),
+            depth,
+        }
+    }
+
+    #[inline]
+    fn submitted(&self) {
+        self.submitted.increment(1);
+    }
+
+    #[inline]
+    fn rejected_full(&self) {
+        self.rejected_full.increment(1);
+    }
+
+    #[inline]
+    fn rejected_closed(&self) {
+        self.rejected_closed.increment(1);
+    }
+
+    #[inline]
+    fn completed(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Ok => &self.ok,
+            Outcome::Panicked => &self.panicked,
+            Outcome::LimiterError => &self.limiter_error,
+        }
+        .increment(1);
+    }
+
+    #[inline]
+    fn handed_back(&self, n: usize) {
+        if n > 0 {
+            self.handed_back.increment(n as u64);
+        }
+    }
+
+    /// Sets the depth gauge; called under the state mutex with the new
+    /// `queued`, so the gauge equals `len()` whenever the mutex is free.
+    #[inline]
+    fn depth(&self, queued: usize) {
+        self.depth.set(queued as f64);
+    }
+
+    /// A job's handler starts: counted as aborted unless
+    /// [`Running::finish`] is called.
+    #[inline]
+    fn running(&self) -> Running<'_> {
+        Running(Some(self))
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+impl QueueMetrics {
+    #[inline(always)]
+    fn new(_name: Option<&str>) -> Self {
+        QueueMetrics
+    }
+
+    #[inline(always)]
+    fn submitted(&self) {}
+
+    #[inline(always)]
+    fn rejected_full(&self) {}
+
+    #[inline(always)]
+    fn rejected_closed(&self) {}
+
+    #[inline(always)]
+    fn completed(&self, _outcome: Outcome) {}
+
+    #[inline(always)]
+    fn handed_back(&self, _n: usize) {}
+
+    #[inline(always)]
+    fn depth(&self, _queued: usize) {}
+
+    #[inline(always)]
+    fn running(&self) -> Running<'_> {
+        Running(PhantomData)
+    }
+}
+
+/// A running job's outcome-to-be: dropped without [`finish`](Self::finish),
+/// the job counts as `aborted`.
+#[cfg(feature = "metrics")]
+struct Running<'a>(Option<&'a QueueMetrics>);
+
+#[cfg(not(feature = "metrics"))]
+struct Running<'a>(PhantomData<&'a ()>);
+
+impl Running<'_> {
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables, unused_mut))]
+    fn finish(mut self, outcome: Outcome) {
+        #[cfg(feature = "metrics")]
+        if let Some(m) = self.0.take() {
+            m.completed(outcome);
+        }
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.0.take() {
+            m.aborted.increment(1);
+        }
     }
 }
