@@ -1,2 +1,0 @@
-//! (Being built: issue 8.)
-fn main() {}
