@@ -20,6 +20,7 @@ fn main() -> Result<(), raceguard::Error> {
     locks()?;
     sessions()?;
     versioned_cache()?;
+    clients_and_queue()?;
     println!("\nquickstart: all sections ran");
     Ok(())
 }
@@ -320,6 +321,93 @@ fn versioned_cache() -> Result<(), raceguard::Error> {
         println!(
             "alice invalidated (version {version}); bob's entry survived: {} hits, {} loads",
             stats.hits, stats.loads
+        );
+        Ok(())
+    })
+}
+
+/// Per-request clients (R01, R13) and a bounded work queue (R10): each
+/// request's client owns its user's credentials over one shared transport;
+/// webhooks go into a bounded queue that answers "full" at once, whose
+/// workers obey the external API's rate limit.
+fn clients_and_queue() -> Result<(), raceguard::Error> {
+    use std::sync::Arc;
+
+    use raceguard::client::{self, BearerToken, ClientFactory};
+    use raceguard::queue::{Shutdown, WorkQueue};
+    use raceguard::rate::{Quota, RateLimiter, TokioClock};
+
+    println!(
+        "== ClientFactory + WorkQueue: per-request credentials, bounded queue, limited workers"
+    );
+    struct Transport; // one connection pool for everyone
+    struct UserClient {
+        user: UserId,
+        token: BearerToken,
+        _transport: Arc<Transport>,
+    }
+    let factory = client::from_fn(
+        Arc::new(Transport),
+        |transport: &Arc<Transport>, (user, token): (UserId, BearerToken)| {
+            Ok(UserClient {
+                user,
+                token,
+                _transport: transport.clone(),
+            })
+        },
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true) // virtual time: the tour does not wait for real seconds
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        // The external API allows 5 calls per second; the workers share one limiter.
+        let queue = WorkQueue::builder()
+            .capacity(8)
+            .workers(2)
+            .rate_limit(RateLimiter::with_clock(
+                Quota::per_second(5)?,
+                TokioClock::new(),
+            ))
+            .build(|c: UserClient| async move {
+                format!(
+                    "called the API as {} ({} byte token)",
+                    c.user,
+                    c.token.expose().len()
+                )
+            })?;
+
+        let mut handles = Vec::new();
+        let mut shed = 0;
+        for n in 0..12 {
+            let user = UserId::new(format!("user{n}"))?;
+            let token = BearerToken::new(format!("token-{n}"))?;
+            match queue.submit(factory.build((user, token))?) {
+                Ok(handle) => handles.push(handle),
+                // In a handler: 503 with Retry-After (middleware::LoadShedLayer).
+                Err(raceguard::Error::CapacityExceeded { .. }) => shed += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        println!(
+            "  12 webhooks: {} queued, {shed} shed at once (queue full)",
+            handles.len()
+        );
+        let first = handles.remove(0).await?;
+        println!("  first job: {first}");
+        for h in handles {
+            h.await?;
+        }
+        let report = queue
+            .shutdown(Shutdown::Drain(Duration::from_secs(5)))
+            .await;
+        println!(
+            "  shutdown: {} accepted, {} completed, {} handed back",
+            report.accepted,
+            report.completed,
+            report.handed_back.len()
         );
         Ok(())
     })
