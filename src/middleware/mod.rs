@@ -56,6 +56,8 @@
 //! allocation per request per layer is well below the cost of the request
 //! itself (the rate-limit layer also allocates one `Vec` of at most a few
 //! policy entries for its headers).
+//!
+//! With feature `redis`, `RedisLimits` does the same per key + global check on Redis.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -67,6 +69,8 @@ use crate::{Error, ErrorKind, SessionError};
 
 mod client;
 mod rate;
+#[cfg(feature = "redis")]
+mod redis;
 mod session;
 mod shed;
 
@@ -75,6 +79,9 @@ pub use rate::{
     BackendErrorPolicy, KeyExtractor, KeyedBackend, LimitOutcome, MemoryLimits, PolicyStatus,
     RateKey, RateLimitBackend, RateLimitLayer, RateLimitService, UserOrPeer,
 };
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::RedisLimits;
 pub use session::{SessionLayer, SessionService, SessionSource};
 pub use shed::{Capacity, ConcurrencyCapacity, LoadShedLayer, LoadShedService};
 
