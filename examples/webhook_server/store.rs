@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use raceguard::cache::VersionedCache;
 use raceguard::keys::UserId;
-#[cfg(feature = "redis")]
-use raceguard::middleware::PolicyStatus;
 use raceguard::middleware::{LimitOutcome, MemoryLimits, RateKey, RateLimitBackend};
 use raceguard::rate::{Decision, KeyedRateLimiter, Limit, Quota, RateLimiter};
 use raceguard::session::{
@@ -23,7 +21,9 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "redis")]
 use raceguard::cache::RedisVersionedCache;
 #[cfg(feature = "redis")]
-use raceguard::redis::{RedisBackend, RedisKeyedRateLimiter, RedisMultiLimit, RedisRateLimiter};
+use raceguard::middleware::RedisLimits;
+#[cfg(feature = "redis")]
+use raceguard::redis::{RedisBackend, RedisKeyedRateLimiter, RedisRateLimiter};
 #[cfg(feature = "redis")]
 use raceguard::session::RedisSessionRegistry;
 
@@ -55,12 +55,7 @@ struct Stored {
 pub(crate) enum Limits {
     Memory(MemoryLimits),
     #[cfg(feature = "redis")]
-    Redis {
-        backend: RedisBackend,
-        per_user: RedisKeyedRateLimiter,
-        global: RedisRateLimiter,
-        quotas: Quotas,
-    },
+    Redis(RedisLimits),
 }
 
 impl RateLimitBackend for Limits {
@@ -68,27 +63,7 @@ impl RateLimitBackend for Limits {
         match self {
             Limits::Memory(m) => m.check(key).await,
             #[cfg(feature = "redis")]
-            Limits::Redis {
-                backend,
-                per_user,
-                global,
-                quotas,
-            } => {
-                let id = key.to_user_id()?;
-                let multi = RedisMultiLimit::new(backend)
-                    .keyed(USER_POLICY, per_user, &id)?
-                    .global(GLOBAL_POLICY, global)
-                    .check()
-                    .await?;
-                let (user, global) = match multi.decisions() {
-                    [(_, u), (_, g)] => (*u, *g),
-                    _ => return Err(Error::invalid("multi-limit", "expected two decisions")),
-                };
-                Ok(LimitOutcome::new(vec![
-                    PolicyStatus::new(USER_POLICY, quotas.user, user)?,
-                    PolicyStatus::new(GLOBAL_POLICY, quotas.global, global)?,
-                ]))
-            }
+            Limits::Redis(r) => r.check(key).await,
         }
     }
 }
@@ -240,12 +215,17 @@ impl Backends {
                 backend.clone(),
                 SessionConfig::default(),
             )),
-            limits: Arc::new(Limits::Redis {
-                backend: backend.clone(),
-                per_user: RedisKeyedRateLimiter::new(&backend, "demo-user", q.user)?,
-                global: RedisRateLimiter::new(&backend, "demo-global", q.global)?,
-                quotas: q,
-            }),
+            limits: Arc::new(Limits::Redis(
+                RedisLimits::new(
+                    &backend,
+                    USER_POLICY,
+                    RedisKeyedRateLimiter::new(&backend, "demo-user", q.user)?,
+                )?
+                .with_global(
+                    GLOBAL_POLICY,
+                    RedisRateLimiter::new(&backend, "demo-global", q.global)?,
+                )?,
+            )),
             worker_limit: Arc::new(GlobalLimiter::Redis(RedisRateLimiter::new(
                 &backend,
                 "demo-external-api",
