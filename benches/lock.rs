@@ -35,6 +35,12 @@
 //! returning (the releaser sits out until someone else got the lock, so
 //! every sample is a real hand-off), p50/p99 over 1,000 hand-offs.
 //!
+//! `RACEGUARD_LOCK_PROFILE=<contender>,<cycles>,<tasks>` runs only that
+//! many cycles of one contender and exits (for callgrind instruction counts:
+//! two runs with different cycle counts, subtracted; with
+//! `RACEGUARD_LOCK_PROFILE_SHUTDOWN` set it then shuts the server down
+//! cleanly, for a `redis-server` run under callgrind).
+//!
 //! Without the `redis` and `test-util` features, or without `redis-server`
 //! on PATH, the bench prints a notice and does nothing.
 
@@ -186,6 +192,34 @@ return 0
             .build()
             .unwrap();
         let all = contenders(&rt, &server);
+
+        // Profiling mode (for `valgrind --tool=callgrind`): only `cycles`
+        // cycles of one contender over `tasks` tasks, nothing else. Two runs
+        // with different `cycles` give the instructions per cycle by
+        // difference, without the setup.
+        if let Ok(spec) = std::env::var("RACEGUARD_LOCK_PROFILE") {
+            let mut it = spec.split(',');
+            let name = it.next().unwrap_or("raceguard");
+            let cycles: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+            let tasks: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(TASKS);
+            let (_, cycle) = all
+                .iter()
+                .find(|(n, _)| *n == name)
+                .expect("RACEGUARD_LOCK_PROFILE=<contender>,<cycles>,<tasks>");
+            let _: () = server.query(&["CONFIG", "RESETSTAT"]).unwrap();
+            let took = rt.block_on(run(cycles, tasks, cycle.clone()));
+            println!("profile {name}: {cycles} cycles over {tasks} tasks in {took:?}");
+            let stats: String = server.query(&["INFO", "commandstats"]).unwrap();
+            for line in stats.lines().filter(|l| l.starts_with("cmdstat_")) {
+                println!("  {line}");
+            }
+            if std::env::var_os("RACEGUARD_LOCK_PROFILE_SHUTDOWN").is_some() {
+                // Lets a `redis-server` run under callgrind exit normally
+                // and write its profile (the harness would SIGKILL it).
+                let _ = server.query::<()>(&["SHUTDOWN", "NOSAVE"]);
+            }
+            return;
+        }
 
         // 1. criterion.
         let mut crit = Criterion::default()

@@ -3,9 +3,14 @@
 //! Invariants:
 //!
 //! - `state` starts `HELD` and moves once, by compare-and-swap, to one of
-//!   `RELEASED`, `EXPIRED`, `NOT_HELD`; the CAS winner then fires `ended`
-//!   (the cancellation token behind [`LockGuard::lost_token`] and
+//!   `RELEASED`, `EXPIRED`, `NOT_HELD`; the CAS winner then fires the lost
+//!   signal (the cancellation token behind [`LockGuard::lost_token`] and
 //!   [`LockGuard::lost`]). Nothing moves it back.
+//! - The lost signal is created on first use (most guards never ask for
+//!   it), under the `background` mutex, which the CAS winner also takes
+//!   after its CAS: either the winner finds the signal and fires it, or the
+//!   creator, locking after the winner, sees the ended state and fires it
+//!   itself. A signal is never left unfired on an ended lease.
 //! - `valid_until` (on the manager's clock) only grows (`fetch_max`), and
 //!   only from a renewal or extension that the backend confirmed, measured
 //!   from the moment the request was sent.
@@ -79,8 +84,17 @@ pub(crate) struct Lease {
     ttl: AtomicU64,
     state: AtomicU8,
     valid_until: AtomicU64,
-    ended: CancellationToken,
-    background: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    background: Mutex<Background>,
+}
+
+/// What the guard, the lease's task and the lost signal share under one
+/// mutex.
+#[derive(Default)]
+struct Background {
+    /// The watchdog or validity timer.
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// The lost signal, once asked for.
+    ended: Option<CancellationToken>,
 }
 
 impl fmt::Debug for Lease {
@@ -116,8 +130,7 @@ impl Lease {
             ttl: AtomicU64::new(ttl),
             state: AtomicU8::new(HELD),
             valid_until: AtomicU64::new(valid_until),
-            ended: CancellationToken::new(),
-            background: Mutex::new(None),
+            background: Mutex::new(Background::default()),
         }
     }
 
@@ -132,6 +145,16 @@ impl Lease {
     /// Ends the lease with `reason` if it is still held; fires the signal.
     /// Returns whether this call ended it.
     pub(crate) fn end(&self, reason: LostReason) -> bool {
+        self.end_and_take_task(reason, false).0
+    }
+
+    /// [`end`](Self::end), and with `take_task` also takes the background
+    /// task out (one lock for both, on the release path).
+    fn end_and_take_task(
+        &self,
+        reason: LostReason,
+        take_task: bool,
+    ) -> (bool, Option<tokio::task::JoinHandle<()>>) {
         let to = match reason {
             LostReason::Released => RELEASED,
             LostReason::Expired => EXPIRED,
@@ -141,10 +164,45 @@ impl Lease {
             .state
             .compare_exchange(HELD, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
-        if won {
-            self.ended.cancel();
+        if !won && !take_task {
+            return (false, None);
         }
-        won
+        let (signal, task) = {
+            // Locked after the CAS: a signal created later sees the end.
+            let mut bg = self.background.lock();
+            let signal = if won { bg.ended.take() } else { None };
+            let task = if take_task { bg.task.take() } else { None };
+            (signal, task)
+        };
+        if let Some(signal) = signal {
+            signal.cancel();
+        }
+        (won, task)
+    }
+
+    /// The lost signal (created on first use), fired already if the lease
+    /// has ended; with `timer`, also starts the validity timer task when
+    /// there is no background task yet and the lease is held.
+    fn signal(self: &StdArc<Self>, timer: bool) -> CancellationToken {
+        let (signal, ended) = {
+            let mut bg = self.background.lock();
+            let signal = bg.ended.get_or_insert_with(CancellationToken::new).clone();
+            // Read under the lock: an end whose CAS came first has locked
+            // and unlocked by now, or will find `signal` when it locks.
+            let ended = self.reason().is_some();
+            if timer
+                && !ended
+                && bg.task.is_none()
+                && let Ok(handle) = tokio::runtime::Handle::try_current()
+            {
+                bg.task = Some(handle.spawn(watchdog::run(self.clone(), false)));
+            }
+            (signal, ended)
+        };
+        if ended {
+            signal.cancel();
+        }
+        signal
     }
 
     /// Why the lease ended, or `None` while it is held.
@@ -180,8 +238,10 @@ impl Lease {
         self.ttl.store(ttl, Ordering::Release);
     }
 
-    pub(crate) fn take_background(&self) -> Option<tokio::task::JoinHandle<()>> {
-        self.background.lock().take()
+    /// Ends the lease as released (if still held) and takes its background
+    /// task out, to be stopped before the compare-and-delete.
+    pub(crate) fn release_and_take_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.end_and_take_task(LostReason::Released, true).1
     }
 }
 
@@ -225,7 +285,7 @@ impl LockGuard {
         let lease = StdArc::new(lease);
         if lease.max_hold.is_some() {
             let handle = tokio::spawn(watchdog::run(lease.clone(), true));
-            *lease.background.lock() = Some(handle);
+            lease.background.lock().task = Some(handle);
         }
         LockGuard { lease, done: false }
     }
@@ -355,7 +415,7 @@ impl LockGuard {
     pub fn lost(&self) -> LostLease {
         LostLease {
             lease: self.lease.clone(),
-            cancelled: Box::pin(self.lease.ended.clone().cancelled_owned()),
+            cancelled: Box::pin(self.lease.signal(false).cancelled_owned()),
             sleep: None,
         }
     }
@@ -382,15 +442,7 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub fn lost_token(&self) -> CancellationToken {
-        let child = self.lease.ended.child_token();
-        let mut bg = self.lease.background.lock();
-        if bg.is_none()
-            && self.lease.reason().is_none()
-            && let Ok(handle) = tokio::runtime::Handle::try_current()
-        {
-            *bg = Some(handle.spawn(watchdog::run(self.lease.clone(), false)));
-        }
-        child
+        self.lease.signal(true).child_token()
     }
 
     /// Extends the lease to `ttl` from now (compare-and-extend: only if this
@@ -473,8 +525,7 @@ impl LockGuard {
     /// # Ok(()) }
     /// ```
     pub async fn release(mut self) -> Result<bool, Error> {
-        self.lease.end(LostReason::Released);
-        if let Some(bg) = self.lease.take_background() {
+        if let Some(bg) = self.lease.release_and_take_task() {
             bg.abort();
             // Joined: a renewal in flight completes (or is dropped) before
             // the delete is sent, so no renewal can land after it.
@@ -495,8 +546,7 @@ impl Drop for LockGuard {
         }
         self.done = true;
         let lease = &self.lease;
-        lease.end(LostReason::Released);
-        let bg = lease.take_background();
+        let bg = lease.release_and_take_task();
         lease
             .inner
             .release_detached(lease.name.clone(), lease.token, bg);

@@ -7,7 +7,9 @@
 //! unconditional `DEL`: two requests ran at once, and a slow holder deleted
 //! the next holder's lock. Here:
 //!
-//! - **Acquire** stores a 128-bit random token from the OS CSPRNG with
+//! - **Acquire** stores a 128-bit random token from the OS CSPRNG (fetched
+//!   256 tokens per `getrandom` call into a per-manager buffer, each token
+//!   used once and wiped from it) with
 //!   `SET NX PX` (or the fencing script), retrying with exponential backoff
 //!   and full jitter until a deadline; [`LockManager::try_acquire`] makes
 //!   one attempt. A busy lock is an error ([`Error::LockBusy`]), never a
@@ -136,7 +138,7 @@ pub use redlock::redlock_nodes;
 
 use guard::Lease;
 use memory::{MemAttempt, MemoryLocks};
-use token::{SplitMix64, Token};
+use token::{SplitMix64, Token, TokenSource};
 
 /// The longest TTL accepted: 365 days.
 ///
@@ -163,8 +165,48 @@ const WAKE_SHARDS: usize = 64;
 /// assert!(LockName::new("x".repeat(257)).is_err());
 /// # Ok::<(), raceguard::Error>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LockName(StdArc<str>);
+#[derive(Clone)]
+pub struct LockName(StdArc<NameInner>);
+
+/// A validated name and what every acquisition of it would otherwise
+/// recompute: its wake-up shard and (on Redis) its escaped key component.
+struct NameInner {
+    raw: Box<str>,
+    /// `hash(raw) % WAKE_SHARDS`.
+    shard: usize,
+    /// The name escaped as a key component (`crate::keys`), built on first
+    /// use by a Redis manager. A std `OnceLock`, not `crate::sync`'s: a
+    /// cache of a deterministic value that no loom model looks at, and loom
+    /// types cannot be built outside a model (names are).
+    #[cfg(feature = "redis")]
+    escaped: std::sync::OnceLock<Box<str>>,
+}
+
+impl PartialEq for LockName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for LockName {}
+
+impl Hash for LockName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for LockName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for LockName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
 
 impl LockName {
     /// Validates `raw`.
@@ -184,7 +226,34 @@ impl LockName {
                 format!("must be at most {MAX_ID_LEN} bytes, got {}", raw.len()),
             ));
         }
-        Ok(LockName(StdArc::from(raw)))
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        raw.hash(&mut h);
+        Ok(LockName(StdArc::new(NameInner {
+            raw: Box::from(raw),
+            shard: (h.finish() % WAKE_SHARDS as u64) as usize,
+            #[cfg(feature = "redis")]
+            escaped: std::sync::OnceLock::new(),
+        })))
+    }
+
+    /// The name escaped as a Redis key component, exactly as
+    /// [`KeyBuilder::owner`](crate::keys::KeyBuilder::owner) writes it
+    /// between the braces; computed once per name.
+    #[cfg(feature = "redis")]
+    pub(crate) fn escaped(&self) -> &str {
+        self.0.escaped.get_or_init(|| {
+            // The builder is the one definition of the encoding: build a
+            // key in a one-letter namespace and keep what is inside `{}`.
+            let key = crate::keys::Key::builder("x")
+                .and_then(|b| b.owner(self).build())
+                .expect("a 1-256 byte name always fits a key");
+            let s = key.as_str();
+            Box::from(&s["x:{".len()..s.len() - 1])
+        })
+    }
+
+    fn shard(&self) -> usize {
+        self.0.shard
     }
 
     /// The name as given.
@@ -194,31 +263,31 @@ impl LockName {
     /// # Ok::<(), raceguard::Error>(())
     /// ```
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.0.raw
     }
 }
 
 impl Owner for LockName {
     fn owner_id(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
 impl fmt::Debug for LockName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("LockName").field(&&*self.0).finish()
+        f.debug_tuple("LockName").field(&self.as_str()).finish()
     }
 }
 
 impl fmt::Display for LockName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl AsRef<str> for LockName {
     fn as_ref(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
@@ -493,6 +562,7 @@ pub(crate) struct Inner {
     backend: Backend,
     config: LockConfig,
     wake: Box<[Notify]>,
+    tokens: TokenSource,
 }
 
 impl Inner {
@@ -501,6 +571,7 @@ impl Inner {
             backend,
             config,
             wake: (0..WAKE_SHARDS).map(|_| Notify::new()).collect(),
+            tokens: TokenSource::new(),
         }
     }
 
@@ -564,9 +635,7 @@ impl Inner {
     }
 
     fn notify(&self, name: &LockName) -> &Notify {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        name.as_str().hash(&mut h);
-        &self.wake[(h.finish() % WAKE_SHARDS as u64) as usize]
+        &self.wake[name.shard()]
     }
 
     /// Wakes one of this manager's local waiters for `name`'s shard. One,
@@ -998,7 +1067,7 @@ impl LockManager {
             }
         };
         let fenced = opts.fencing.unwrap_or(inner.config.fencing);
-        let token = Token::random()?;
+        let token = inner.tokens.next()?;
         let mut rng = SplitMix64::new(token.seed());
         let deadline = if waiting && !opts.wait.is_zero() {
             let now = tokio::time::Instant::now();
