@@ -13,14 +13,14 @@
 //!      `Retry-After`; in memory only, see `apply`), then `ClientLayer` (the user's external-API client
 //!      in the request's extensions);
 //!    - chat messages: the `{session_id}` path segment is the claimed id
-//!      (`session_from_path`), `SessionLayer` turns it into a verified
+//!      (`SessionSource::PathSegment`), `SessionLayer` turns it into a verified
 //!      `SessionKey` (403 when it is another user's).
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::Request;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{Next, from_fn};
 use axum::response::{IntoResponse, Response};
 use raceguard::Error;
@@ -30,10 +30,6 @@ use raceguard::middleware::{
 };
 
 use crate::app::{App, USER_HEADER};
-
-/// The header `SessionLayer` reads; set from the path, never trusted from
-/// the client.
-const SESSION_HEADER: &str = "x-session-id";
 
 pub(crate) fn apply(
     app: &Arc<App>,
@@ -63,11 +59,11 @@ pub(crate) fn apply(
                 .and_then(|queue| queue.is_full().then(|| queue.retry_after_hint()))
         }));
     let messages = messages
+        // `/chat/{session_id}/messages`: segment 1 is the claimed id.
         .layer(SessionLayer::new(
             app.backends.sessions.clone(),
-            SessionSource::Header(HeaderName::from_static(SESSION_HEADER)),
-        ))
-        .layer(from_fn(session_from_path));
+            SessionSource::PathSegment(1),
+        ));
     webhooks
         .merge(sessions)
         .merge(messages)
@@ -86,22 +82,5 @@ async fn authenticate(mut req: Request, next: Next) -> Response {
         },
     };
     req.extensions_mut().insert(AuthenticatedUser(user));
-    next.run(req).await
-}
-
-/// `/chat/{session_id}/messages`: the path segment is the claimed session
-/// id; it replaces any `x-session-id` the client sent.
-async fn session_from_path(mut req: Request, next: Next) -> Response {
-    let claimed = req
-        .uri()
-        .path()
-        .strip_prefix("/chat/")
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|id| HeaderValue::from_str(id).ok());
-    let headers = req.headers_mut();
-    headers.remove(SESSION_HEADER);
-    if let Some(id) = claimed {
-        headers.insert(SESSION_HEADER, id);
-    }
     next.run(req).await
 }

@@ -20,7 +20,9 @@ use crate::session::{SessionId, SessionRegistry};
 /// use raceguard::middleware::SessionSource;
 /// let from_header = SessionSource::Header(http::HeaderName::from_static("x-session-id"));
 /// let from_cookie = SessionSource::cookie("sid");
-/// # let _ = (from_header, from_cookie);
+/// // `/chat/{session_id}/messages`: segment 1 of the path.
+/// let from_path = SessionSource::PathSegment(1);
+/// # let _ = (from_header, from_cookie, from_path);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -29,6 +31,11 @@ pub enum SessionSource {
     Header(HeaderName),
     /// A cookie of this name in the `Cookie` header(s).
     Cookie(Cow<'static, str>),
+    /// The `n`-th segment (from 0) of the request's URI path: `1` reads
+    /// `abc` from `/chat/abc/messages`. The segment is taken as it is on
+    /// the wire: a percent-encoded id is not canonical and answers 400, so
+    /// one id has exactly one spelling.
+    PathSegment(usize),
 }
 
 impl SessionSource {
@@ -44,9 +51,19 @@ impl SessionSource {
 
     /// The claimed id's text: `Ok(None)` when absent, `Err` when ambiguous
     /// (sent twice) or not text.
-    fn claimed<'a>(&self, headers: &'a HeaderMap) -> Result<Option<&'a str>, Rejection> {
+    fn claimed<'a>(
+        &self,
+        path: &'a str,
+        headers: &'a HeaderMap,
+    ) -> Result<Option<&'a str>, Rejection> {
         const BAD: Rejection = Rejection::new(StatusCode::BAD_REQUEST, "malformed session id");
         match self {
+            SessionSource::PathSegment(n) => Ok(path
+                .strip_prefix('/')
+                .unwrap_or(path)
+                .split('/')
+                .nth(*n)
+                .filter(|segment| !segment.is_empty())),
             SessionSource::Header(name) => {
                 let mut values = headers.get_all(name).iter();
                 let Some(value) = values.next() else {
@@ -275,7 +292,7 @@ fn claim<B>(
             "no authenticated user",
         ));
     };
-    let Some(text) = source.claimed(req.headers())? else {
+    let Some(text) = source.claimed(req.uri().path(), req.headers())? else {
         return Err(Rejection::new(StatusCode::UNAUTHORIZED, "no session id"));
     };
     let id = SessionId::parse(text)
@@ -299,21 +316,43 @@ mod tests {
     #[test]
     fn cookie_parsing() {
         let src = SessionSource::cookie("sid");
-        assert_eq!(src.claimed(&cookies(&[])), Ok(None));
-        assert_eq!(src.claimed(&cookies(&["a=1; sid=xyz"])), Ok(Some("xyz")));
+        assert_eq!(src.claimed("/", &cookies(&[])), Ok(None));
         assert_eq!(
-            src.claimed(&cookies(&["a=1", " sid = xyz "])),
+            src.claimed("/", &cookies(&["a=1; sid=xyz"])),
             Ok(Some("xyz"))
         );
-        assert_eq!(src.claimed(&cookies(&["sidx=1; xsid=2"])), Ok(None));
-        assert_eq!(src.claimed(&cookies(&["flag; sid=v"])), Ok(Some("v")));
-        let dup = src.claimed(&cookies(&["sid=a", "sid=b"])).unwrap_err();
+        assert_eq!(
+            src.claimed("/", &cookies(&["a=1", " sid = xyz "])),
+            Ok(Some("xyz"))
+        );
+        assert_eq!(src.claimed("/", &cookies(&["sidx=1; xsid=2"])), Ok(None));
+        assert_eq!(src.claimed("/", &cookies(&["flag; sid=v"])), Ok(Some("v")));
+        let dup = src.claimed("/", &cookies(&["sid=a", "sid=b"])).unwrap_err();
         assert_eq!(dup.status(), StatusCode::BAD_REQUEST);
         let mut h = HeaderMap::new();
         h.append(COOKIE, HeaderValue::from_bytes(b"sid=\xff").unwrap());
         assert_eq!(
-            src.claimed(&h).unwrap_err().status(),
+            src.claimed("/", &h).unwrap_err().status(),
             StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn path_segments() {
+        let src = SessionSource::PathSegment(1);
+        let h = HeaderMap::new();
+        assert_eq!(src.claimed("/chat/abc/messages", &h), Ok(Some("abc")));
+        assert_eq!(src.claimed("/chat/abc", &h), Ok(Some("abc")));
+        assert_eq!(src.claimed("/chat/", &h), Ok(None));
+        assert_eq!(src.claimed("/chat", &h), Ok(None));
+        assert_eq!(src.claimed("/chat//messages", &h), Ok(None));
+        // A header claiming another id is ignored: the path is the source.
+        let mut other = HeaderMap::new();
+        other.insert("x-session-id", HeaderValue::from_static("zzz"));
+        assert_eq!(src.claimed("/chat/abc", &other), Ok(Some("abc")));
+        assert_eq!(
+            SessionSource::PathSegment(0).claimed("/x/y", &h),
+            Ok(Some("x"))
         );
     }
 }
