@@ -19,15 +19,15 @@ use crate::{Error, Result};
 use super::Decision;
 
 /// Builds something (an internal fallback limiter) whose metrics must not
-/// be reported: its checks are already counted by its owner.
-#[cfg(feature = "metrics")]
+/// be reported: its checks are already counted by its owner. Only the
+/// Redis limiters have such a fallback.
+#[cfg(all(feature = "metrics", feature = "redis"))]
 pub(crate) fn unmetered<T>(build: impl FnOnce() -> T) -> T {
     metrics::with_local_recorder(&metrics::NoopRecorder, build)
 }
 
 /// Without the feature there is nothing to suppress.
-#[cfg(not(feature = "metrics"))]
-#[allow(dead_code)]
+#[cfg(all(not(feature = "metrics"), feature = "redis"))]
 pub(crate) fn unmetered<T>(build: impl FnOnce() -> T) -> T {
     build()
 }
