@@ -17,6 +17,9 @@
 //! - A lease counts as held only while `state == HELD` **and** the clock is
 //!   before `valid_until`; the first observer of a passed `valid_until` ends
 //!   the lease as `EXPIRED`.
+//! - Metrics (feature `metrics`): the CAS winner counts the end
+//!   (`raceguard_lock_lost_total` for `EXPIRED` and `NOT_HELD`), so each
+//!   lease is counted once; a guard's release counts its answer.
 //! - The background task (watchdog or validity timer) is stored in
 //!   `background` before the guard is handed out; release takes it out,
 //!   aborts it and (on explicit release) joins it before sending the
@@ -164,6 +167,10 @@ impl Lease {
             .state
             .compare_exchange(HELD, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
+        if won {
+            // Once per lease: only the CAS winner counts (and not a release).
+            self.inner.metrics.ended(reason);
+        }
         if !won && !take_task {
             return (false, None);
         }
@@ -533,6 +540,9 @@ impl LockGuard {
         }
         let lease = &self.lease;
         let held = lease.inner.release(&lease.name, lease.token).await;
+        if let Ok(h) = held {
+            lease.inner.metrics.released(h);
+        }
         self.done = true;
         lease.inner.wake(&lease.name);
         held
@@ -549,7 +559,7 @@ impl Drop for LockGuard {
         let bg = lease.release_and_take_task();
         lease
             .inner
-            .release_detached(lease.name.clone(), lease.token, bg);
+            .release_detached(lease.name.clone(), lease.token, bg, true);
     }
 }
 
