@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use raceguard::queue::{Shutdown, WorkQueue};
-use raceguard::rate::{Decision, Limit, Quota, RateLimiter, TokioClock};
+use raceguard::rate::{AllOf, Decision, Limit, Quota, RateLimiter, TokioClock};
 use raceguard::{Error, ErrorKind};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
@@ -237,6 +237,64 @@ async fn workers_never_exceed_the_rate_limit() {
     // The limiter really throttled: 55 calls beyond the burst need 55
     // intervals (virtual time).
     assert!(*times.last().unwrap() - start >= interval * 55);
+}
+
+/// GCRA conformance of sorted call times against one quota.
+fn conforms(times: &[Instant], burst: usize, interval: Duration) -> Result<(), String> {
+    for i in 0..times.len() {
+        for j in i..times.len() {
+            let span = times[j] - times[i];
+            let allowed = burst + (span.as_nanos() / interval.as_nanos()) as usize;
+            if j - i >= allowed {
+                return Err(format!("calls {i}..={j} within {span:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn workers_obey_every_limit_of_a_multi_limit() {
+    // An external API allows 5 calls per second and 12 per minute: the
+    // workers must stay within both (`AllOf` checks them all or nothing;
+    // that a denial consumes nothing is tested with `MultiLimit`).
+    let per_second = Arc::new(RateLimiter::with_clock(
+        Quota::per_second(5).unwrap(),
+        TokioClock::new(),
+    ));
+    let per_minute = Arc::new(RateLimiter::with_clock(
+        Quota::per_minute(12).unwrap(),
+        TokioClock::new(),
+    ));
+    let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let t = times.clone();
+    let queue = WorkQueue::builder()
+        .capacity(100)
+        .workers(4)
+        .rate_limit(
+            AllOf::new("per-second", per_second.clone()).and("per-minute", per_minute.clone()),
+        )
+        .build(move |_: u32| {
+            let t = t.clone();
+            async move {
+                t.lock().unwrap().push(Instant::now());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .unwrap();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..30).map(|n| queue.submit(n).unwrap()).collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let mut times = times.lock().unwrap().clone();
+    times.sort_unstable();
+    assert_eq!(times.len(), 30);
+    conforms(&times, 5, Duration::from_millis(200)).unwrap();
+    conforms(&times, 12, Duration::from_secs(5)).unwrap();
+    // The minute limit bound: 18 calls beyond its burst need 18 × 5 s.
+    assert!(*times.last().unwrap() - start >= Duration::from_secs(90));
+    drop((per_second, per_minute));
 }
 
 #[tokio::test(start_paused = true)]

@@ -555,3 +555,58 @@ fn one_handler_runs_on_memory_and_on_redis() {
         assert_eq!(burst(&on_redis).await, [200, 200, 200, 429, 429]);
     });
 }
+
+#[test]
+fn a_multi_limit_is_a_limit_with_its_binding_decision_on_memory_and_on_redis() {
+    use raceguard::rate::{AllOf, Limit, RateLimiter};
+    use raceguard::redis::RedisRateLimiter;
+
+    /// What a work queue's worker sees: one decision per call.
+    async fn calls(limit: &impl Limit) -> Vec<(bool, u32)> {
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            let d = limit.check_n(1).await.unwrap();
+            out.push((d.allowed(), d.remaining()));
+        }
+        out
+    }
+    // 3 per minute binds before 10 per minute; a denial takes nothing.
+    let expected = [(true, 2), (true, 1), (true, 0), (false, 0), (false, 0)];
+
+    let wide = Arc::new(RateLimiter::new(Quota::per_minute(10).unwrap()));
+    let narrow = Arc::new(RateLimiter::new(Quota::per_minute(3).unwrap()));
+    let memory = AllOf::new("wide", wide.clone()).and("narrow", narrow);
+    rt().block_on(async {
+        assert_eq!(calls(&memory).await, expected);
+    });
+    assert_eq!(
+        wide.peek_n(0).unwrap().remaining(),
+        7,
+        "denials took nothing"
+    );
+
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let redis = RedisBackend::connect(server.url(), config()).await.unwrap();
+        let wide =
+            RedisRateLimiter::new(&redis, &unique("wide"), Quota::per_minute(10).unwrap()).unwrap();
+        let narrow =
+            RedisRateLimiter::new(&redis, &unique("narrow"), Quota::per_minute(3).unwrap())
+                .unwrap();
+        let on_redis = RedisMultiLimit::new(&redis)
+            .global("wide", &wide)
+            .global("narrow", &narrow);
+        assert_eq!(calls(&on_redis).await, expected);
+        let left = RedisMultiLimit::new(&redis).global("wide", &wide);
+        assert_eq!(
+            left.check_n(1).await.unwrap().remaining(),
+            6,
+            "denials took nothing from the wide limit (7 left, this check takes one)"
+        );
+        let empty = RedisMultiLimit::new(&redis);
+        let err = Limit::check_n(&empty, 1).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    });
+}

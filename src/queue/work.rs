@@ -274,10 +274,11 @@ impl<J, R, K> WorkQueueBuilder<J, R, K> {
     /// its handle resolves to that error.
     ///
     /// The limit may be shared with other callers through
-    /// [`shared_rate_limit`](WorkQueueBuilder::shared_rate_limit). A
-    /// [`MultiLimit`](crate::rate::MultiLimit) borrows its limiters, so it
-    /// cannot be moved into the queue; wrap the combination in your own
-    /// [`Limit`] implementation instead.
+    /// [`shared_rate_limit`](WorkQueueBuilder::shared_rate_limit). Several
+    /// limits at once (an API's per-second **and** per-day quota) are an
+    /// [`AllOf`](crate::rate::AllOf) in memory or a
+    /// [`RedisMultiLimit`](https://docs.rs/raceguard/latest/raceguard/redis/struct.RedisMultiLimit.html)
+    /// across processes: both are a [`Limit`] taken all or nothing.
     ///
     /// ```
     /// use raceguard::queue::WorkQueue;

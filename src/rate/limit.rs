@@ -80,6 +80,40 @@ where
     }
 }
 
+/// The [binding](super::MultiDecision::binding) decision of all the
+/// limits, taken all or nothing.
+impl<C: Clock> Limit for super::AllOf<C> {
+    fn check_n(&self, n: u32) -> impl Future<Output = Result<Decision>> + Send {
+        // An `AllOf` is never empty (its constructor takes a limit), so
+        // `binding` is always `Some`; no panic path all the same.
+        std::future::ready(super::AllOf::check_n(self, n).and_then(|d| {
+            d.binding()
+                .ok_or_else(|| crate::Error::invalid("rate multi-limit", "it has no limits"))
+        }))
+    }
+}
+
+/// The [binding](super::MultiDecision::binding) decision of all the
+/// limits, taken all or nothing in one script (a work queue's workers can
+/// obey several global limits shared by every process).
+///
+/// # Errors
+///
+/// As [`RedisMultiLimit::check_n`](crate::redis::RedisMultiLimit::check_n);
+/// [`Error::InvalidInput`](crate::Error::InvalidInput) for a multi-limit
+/// with no limits.
+#[cfg(feature = "redis")]
+impl Limit for crate::redis::RedisMultiLimit {
+    fn check_n(&self, n: u32) -> impl Future<Output = Result<Decision>> + Send {
+        async move {
+            crate::redis::RedisMultiLimit::check_n(self, n)
+                .await?
+                .binding()
+                .ok_or_else(|| crate::Error::invalid("rate multi-limit", "it has no limits"))
+        }
+    }
+}
+
 #[cfg(feature = "redis")]
 impl Limit for crate::redis::RedisRateLimiter {
     fn check_n(&self, n: u32) -> impl Future<Output = Result<Decision>> + Send {

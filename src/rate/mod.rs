@@ -88,7 +88,7 @@ pub use decision::Decision;
 pub use direct::{RateLimiter, RateLimiterBuilder};
 pub use keyed::{DEFAULT_MAX_KEYS, DefaultHasher, KeyedRateLimiter, KeyedRateLimiterBuilder};
 pub use limit::{KeyedLimit, Limit};
-pub use multi::{MultiDecision, MultiLimit};
+pub use multi::{AllOf, MultiDecision, MultiLimit};
 pub use quota::{MAX_WINDOW_NANOS, Quota};
 pub use wait::TokioClock;
 

@@ -642,6 +642,38 @@ impl MultiDecision {
             .unwrap_or(u32::MAX)
     }
 
+    /// The decision that governs: when denied, the denying limit's (the one
+    /// with the longest `retry_after`); when allowed, the limit with the
+    /// fewest cells left (the first on ties). `None` for an empty set. This
+    /// is what a caller that wants one [`Decision`] (the [`Limit`] trait, a
+    /// work queue's workers) sees.
+    ///
+    /// [`Limit`]: super::Limit
+    ///
+    /// ```
+    /// use raceguard::rate::{MultiLimit, Quota, RateLimiter};
+    /// let per_second = RateLimiter::new(Quota::per_second(10)?);
+    /// let per_minute = RateLimiter::new(Quota::per_minute(3)?);
+    /// let check = || MultiLimit::new().direct("s", &per_second).direct("m", &per_minute).check();
+    /// assert_eq!(check()?.binding().map(|d| d.remaining()), Some(2)); // the minute limit binds
+    /// check()?;
+    /// check()?;
+    /// let denied = check()?.binding().unwrap();
+    /// assert!(denied.denied() && denied.retry_after().as_secs() >= 19);
+    /// # Ok::<(), raceguard::Error>(())
+    /// ```
+    pub fn binding(&self) -> Option<Decision> {
+        match self.denied_by {
+            Some(i) => Some(self.parts[i].1),
+            None => self
+                .parts
+                .iter()
+                .enumerate()
+                .min_by_key(|(i, (_, d))| (d.remaining(), *i))
+                .map(|(_, (_, d))| *d),
+        }
+    }
+
     /// Each limit's own decision, in the order the limits were added. When
     /// the multi-limit check was denied, an `allowed` entry means that limit
     /// alone would have admitted the request; nothing was consumed.
@@ -705,5 +737,90 @@ impl fmt::Debug for MultiDecision {
             .field("retry_after", &self.retry_after())
             .field("parts", &self.parts)
             .finish()
+    }
+}
+
+/// An owned, shareable set of global limits checked all or nothing: the
+/// [`MultiLimit`] for places that must own their limits, such as a
+/// [`WorkQueue`](crate::queue::WorkQueue) whose workers obey an external
+/// API's per-second **and** per-day quota. It holds the limiters in `Arc`s
+/// (so the same limiters can also be checked elsewhere) and implements
+/// [`Limit`](super::Limit) with the [binding](MultiDecision::binding)
+/// decision.
+///
+/// ```
+/// use std::sync::Arc;
+/// use raceguard::rate::{AllOf, Quota, RateLimiter};
+///
+/// let per_second = Arc::new(RateLimiter::new(Quota::per_second(10)?));
+/// let per_day = Arc::new(RateLimiter::new(Quota::per_day(2)?));
+/// let api = AllOf::new("per-second", per_second.clone()).and("per-day", per_day);
+/// assert!(api.check()?.allowed());
+/// assert!(api.check()?.allowed());
+/// let d = api.check()?;
+/// assert_eq!(d.denied_by(), Some("per-day"));
+/// // The denied check took nothing from the per-second limit.
+/// assert_eq!(per_second.peek_n(0)?.remaining(), 8);
+/// # Ok::<(), raceguard::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct AllOf<C: Clock = crate::clock::SystemClock> {
+    parts: Vec<(&'static str, std::sync::Arc<RateLimiter<C>>)>,
+}
+
+impl<C: Clock> fmt::Debug for AllOf<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.parts.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl<C: Clock> AllOf<C> {
+    /// A set with one limit (a set is never empty).
+    pub fn new(name: &'static str, limiter: std::sync::Arc<RateLimiter<C>>) -> Self {
+        AllOf {
+            parts: vec![(name, limiter)],
+        }
+    }
+
+    /// Adds a limit.
+    #[must_use]
+    pub fn and(mut self, name: &'static str, limiter: std::sync::Arc<RateLimiter<C>>) -> Self {
+        self.parts.push((name, limiter));
+        self
+    }
+
+    fn multi(&self) -> MultiLimit<'_> {
+        self.parts
+            .iter()
+            .fold(MultiLimit::new(), |m, (name, l)| m.direct(name, l))
+    }
+
+    /// Takes one cell of every limit, or none.
+    ///
+    /// # Errors
+    ///
+    /// As [`MultiLimit::check`].
+    pub fn check(&self) -> Result<MultiDecision> {
+        self.multi().check()
+    }
+
+    /// Takes `n` cells of every limit, or none.
+    ///
+    /// # Errors
+    ///
+    /// As [`MultiLimit::check_n`].
+    pub fn check_n(&self, n: u32) -> Result<MultiDecision> {
+        self.multi().check_n(n)
+    }
+
+    /// What `check_n(n)` would decide now, consuming nothing.
+    ///
+    /// # Errors
+    ///
+    /// As [`MultiLimit::peek_n`].
+    pub fn peek_n(&self, n: u32) -> Result<MultiDecision> {
+        self.multi().peek_n(n)
     }
 }
