@@ -104,13 +104,11 @@ impl<C: Clock> Limit for super::AllOf<C> {
 /// with no limits.
 #[cfg(feature = "redis")]
 impl Limit for crate::redis::RedisMultiLimit {
-    fn check_n(&self, n: u32) -> impl Future<Output = Result<Decision>> + Send {
-        async move {
-            crate::redis::RedisMultiLimit::check_n(self, n)
-                .await?
-                .binding()
-                .ok_or_else(|| crate::Error::invalid("rate multi-limit", "it has no limits"))
-        }
+    async fn check_n(&self, n: u32) -> Result<Decision> {
+        crate::redis::RedisMultiLimit::check_n(self, n)
+            .await?
+            .binding()
+            .ok_or_else(|| crate::Error::invalid("rate multi-limit", "it has no limits"))
     }
 }
 
