@@ -105,7 +105,7 @@ fn redis_limits(
     let keyed = RedisKeyedRateLimiter::new(redis, "mw-user", per_user).unwrap();
     let global = RedisRateLimiter::new(redis, "mw-global", global).unwrap();
     Arc::new(
-        RedisLimits::new(redis, "user", keyed)
+        RedisLimits::new("user", keyed)
             .unwrap()
             .with_global("global", global)
             .unwrap()
@@ -436,7 +436,6 @@ fn an_outage_is_503_failing_closed_and_passes_failing_open() {
         // Without a global limit the keyed limiter's own FailurePolicy
         // decides first (here: deny), whatever the layer's policy.
         let keyed_only = RedisLimits::new(
-            &redis,
             "user",
             RedisKeyedRateLimiter::new(&redis, "mw-keyed", Quota::per_minute(3).unwrap())
                 .unwrap()
@@ -513,7 +512,7 @@ fn on_a_cluster_the_shared_slot_layout_works_and_per_owner_is_refused() {
         // Per-owner keys live in each owner's slot, the global key in its
         // own: refused up front with a typed error, never a wrong answer.
         let per_owner = RedisKeyedRateLimiter::new(&redis, "cl-user", q).unwrap();
-        let err = RedisLimits::new(&redis, "user", per_owner.clone())
+        let err = RedisLimits::new("user", per_owner.clone())
             .unwrap()
             .with_global("global", global.clone())
             .unwrap_err();
@@ -529,13 +528,13 @@ fn on_a_cluster_the_shared_slot_layout_works_and_per_owner_is_refused() {
         let elsewhere = per_owner.clone().with_layout(KeyLayout::SharedSlot(
             ScopeId::new("not-the-global").unwrap(),
         ));
-        let err = RedisLimits::new(&redis, "user", elsewhere)
+        let err = RedisLimits::new("user", elsewhere)
             .unwrap()
             .with_global("global", global.clone())
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err:?}");
         // Without a global limit the per-owner layout is fine on a cluster.
-        let alone = RedisLimits::new(&redis, "user", per_owner)
+        let alone = RedisLimits::new("user", per_owner)
             .unwrap()
             .with_clock(clock.clone());
         let (_, inner) = counting();
@@ -548,7 +547,7 @@ fn on_a_cluster_the_shared_slot_layout_works_and_per_owner_is_refused() {
             .unwrap()
             .with_layout(KeyLayout::SharedSlot(ScopeId::new("cl-global").unwrap()));
         let limits = Arc::new(
-            RedisLimits::new(&redis, "user", shared)
+            RedisLimits::new("user", shared)
                 .unwrap()
                 .with_global("global", global)
                 .unwrap()
@@ -576,5 +575,31 @@ fn on_a_cluster_the_shared_slot_layout_works_and_per_owner_is_refused() {
         assert_eq!(header(&denied, "retry-after"), Some("20"));
         assert_eq!(left(&limits, &clock, "carol").await, 2);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    });
+}
+
+#[test]
+fn a_global_limiter_on_another_backend_is_refused() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    rt().block_on(async {
+        let a = RedisBackend::connect(server.url(), config()).await.unwrap();
+        let b = RedisBackend::connect(server.url(), config()).await.unwrap();
+        let quota = Quota::per_minute(5).unwrap();
+        let keyed = RedisKeyedRateLimiter::new(&a, "mw-user-x", quota).unwrap();
+        let elsewhere = RedisRateLimiter::new(&b, "mw-global-x", quota).unwrap();
+        let err = RedisLimits::new("user", keyed.clone())
+            .unwrap()
+            .with_global("global", elsewhere)
+            .unwrap_err();
+        assert_eq!(err.kind(), raceguard::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("one RedisBackend"), "{err}");
+        // A clone of the same backend is the same backend.
+        let here = RedisRateLimiter::new(&a.clone(), "mw-global-x", quota).unwrap();
+        RedisLimits::new("user", keyed)
+            .unwrap()
+            .with_global("global", here)
+            .unwrap();
     });
 }

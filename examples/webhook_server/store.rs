@@ -217,7 +217,6 @@ impl Backends {
             )),
             limits: Arc::new(Limits::Redis(
                 RedisLimits::new(
-                    &backend,
                     USER_POLICY,
                     RedisKeyedRateLimiter::new(&backend, "demo-user", q.user)?,
                 )?

@@ -45,9 +45,11 @@ const SLOT_PROBES: [&str; 3] = ["u:a", "u:b", "p:192.0.2.1"];
 /// [`with_clock`](RedisLimits::with_clock) switches to the limiters'
 /// explicit-time mode.
 ///
-/// Use the same [`RedisBackend`] (or a clone) for the limiters and for
-/// this backend. Share it with the layer through an `Arc` to inspect the
-/// limiters.
+/// Build both limiters on one [`RedisBackend`] (or its clones): the
+/// combined check runs on the per-key limiter's backend, and
+/// [`with_global`](RedisLimits::with_global) refuses a global limiter on
+/// another one. Share `RedisLimits` with the layer through an `Arc` to
+/// inspect the limiters.
 ///
 /// ```no_run
 /// # async fn demo(redis: raceguard::redis::RedisBackend) -> Result<(), raceguard::Error> {
@@ -60,7 +62,7 @@ const SLOT_PROBES: [&str; 3] = ["u:a", "u:b", "p:192.0.2.1"];
 /// // Per-user cells next to the global one: works on a cluster too.
 /// let per_user = RedisKeyedRateLimiter::new(&redis, "api-user", Quota::per_minute(60)?)?
 ///     .with_layout(KeyLayout::SharedSlot(ScopeId::new("api")?));
-/// let limits = RedisLimits::new(&redis, "user", per_user)?.with_global("global", global)?;
+/// let limits = RedisLimits::new("user", per_user)?.with_global("global", global)?;
 /// let layer = RateLimitLayer::new(limits);
 /// # let _ = layer;
 /// # Ok(()) }
@@ -106,7 +108,7 @@ fn unconsumed(d: Decision, quota: Quota) -> Decision {
 }
 
 impl RedisLimits {
-    /// Per-key limits on `backend` under the policy name `name` (see
+    /// Per-key limits (on the limiter's own backend) under the policy name `name` (see
     /// [`PolicyStatus::new`] for allowed names). The `RateLimit-Policy`
     /// quota is the limiter's quota for the key (its resolver's, if any).
     ///
@@ -117,7 +119,7 @@ impl RedisLimits {
     /// use raceguard::redis::RedisKeyedRateLimiter;
     ///
     /// let per_user = RedisKeyedRateLimiter::new(&redis, "chat", Quota::per_minute(30)?)?;
-    /// let limits = RedisLimits::new(&redis, "user", per_user)?;
+    /// let limits = RedisLimits::new("user", per_user)?;
     /// assert!(limits.global().is_none());
     /// # Ok(()) }
     /// ```
@@ -125,14 +127,10 @@ impl RedisLimits {
     /// # Errors
     ///
     /// [`Error::InvalidInput`] for a bad name.
-    pub fn new(
-        backend: &RedisBackend,
-        name: &'static str,
-        per_user: RedisKeyedRateLimiter,
-    ) -> Result<Self> {
+    pub fn new(name: &'static str, per_user: RedisKeyedRateLimiter) -> Result<Self> {
         PolicyStatus::new(name, Quota::per_second(1)?, probe_decision())?;
         Ok(RedisLimits {
-            backend: backend.clone(),
+            backend: per_user.backend().clone(),
             name,
             per_user,
             global: None,
@@ -153,7 +151,7 @@ impl RedisLimits {
     /// let global = RedisRateLimiter::new(&redis, "chat-all", Quota::per_second(100)?)?;
     /// // On a single node any key layout works; on a
     /// // cluster this needs `KeyLayout::SharedSlot` naming "chat-all".
-    /// let limits = RedisLimits::new(&redis, "user", per_user)?.with_global("global", global)?;
+    /// let limits = RedisLimits::new("user", per_user)?.with_global("global", global)?;
     /// assert!(limits.global().is_some());
     /// # Ok(()) }
     /// ```
@@ -161,7 +159,7 @@ impl RedisLimits {
     /// # Errors
     ///
     /// [`Error::InvalidInput`] for a bad name or the per-key policy's name,
-    /// and, on a cluster backend, when the per-key cells are not in the
+    /// for a global limiter built on another [`RedisBackend`], and, on a cluster backend, when the per-key cells are not in the
     /// global limiter's slot (the keyed limiter is not built with
     /// [`KeyLayout::SharedSlot`](crate::redis::KeyLayout::SharedSlot)
     /// naming the global limiter): every check would fail.
@@ -171,6 +169,13 @@ impl RedisLimits {
             return Err(Error::invalid(
                 "rate limit policy name",
                 "the global and per-key policies need different names",
+            ));
+        }
+        if !self.backend.same_as(global.backend()) {
+            return Err(Error::invalid(
+                "rate limit backend",
+                "the global and per-key limiters must be built on one RedisBackend (or its clones): \
+                 their combined check runs as one script on one connection",
             ));
         }
         if self.backend.is_cluster() {
@@ -204,7 +209,7 @@ impl RedisLimits {
     ///
     /// let clock = ManualClock::new();
     /// let per_user = RedisKeyedRateLimiter::new(&redis, "chat", Quota::per_minute(30)?)?;
-    /// let limits = RedisLimits::new(&redis, "user", per_user)?.with_clock(clock.clone());
+    /// let limits = RedisLimits::new("user", per_user)?.with_clock(clock.clone());
     /// clock.advance(std::time::Duration::from_secs(2));
     /// # let _ = limits;
     /// # Ok(()) }

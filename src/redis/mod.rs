@@ -257,6 +257,12 @@ impl fmt::Debug for RedisBackend {
 }
 
 impl RedisBackend {
+    /// Whether `other` is a clone of this backend (one shared connection).
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn same_as(&self, other: &RedisBackend) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Connects to one Redis server.
     ///
     /// # Errors

@@ -218,6 +218,12 @@ impl fmt::Debug for RedisRateLimiter {
 }
 
 impl RedisRateLimiter {
+    /// The backend this limiter runs on.
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn backend(&self) -> &RedisBackend {
+        &self.backend
+    }
+
     /// A global limiter named `name` (validated like a [`ScopeId`]).
     ///
     /// # Errors
@@ -393,6 +399,13 @@ impl fmt::Debug for RedisKeyedRateLimiter {
 }
 
 impl RedisKeyedRateLimiter {
+    /// The backend this limiter runs on (for layers that combine it with
+    /// other limits in one script).
+    #[cfg_attr(not(feature = "tower"), allow(dead_code))]
+    pub(crate) fn backend(&self) -> &RedisBackend {
+        &self.backend
+    }
+
     /// A keyed limiter named `name` (validated as a key part).
     ///
     /// # Errors
