@@ -22,18 +22,16 @@ use crate::{Error, Result};
 /// response future finishes (or is dropped), or how long the client should
 /// wait before retrying.
 ///
-/// Implemented by [`ConcurrencyCapacity`] (a semaphore) and by any closure
-/// `Fn() -> Option<Duration>` that returns `Some(retry_after)` when full,
-/// e.g. over a work queue:
+/// Implemented by [`ConcurrencyCapacity`] (a semaphore), by a
+/// [`WorkQueue`](crate::queue::WorkQueue) (shed while it is full, with its
+/// [`retry_after_hint`](crate::queue::WorkQueue::retry_after_hint); pass
+/// it with [`LoadShedLayer::shared`] to keep submitting to it from the
+/// handlers), and by any closure `Fn() -> Option<Duration>` that returns
+/// `Some(retry_after)` when full.
 ///
-/// ```ignore
-/// let queue = queue.clone();
-/// LoadShedLayer::new(move || queue.is_full().then(|| queue.retry_after_hint()))
-/// ```
-///
-/// A closure only *observes* fullness; the work the request submits can
-/// still find the queue full a moment later, which the queue reports as
-/// its own typed error.
+/// A queue or a closure only *observes* fullness; the work the request
+/// submits can still find the queue full a moment later, which the queue
+/// reports as its own typed error (answer it with 503 too).
 ///
 /// ```
 /// use std::time::Duration;
@@ -65,6 +63,25 @@ where
         match self() {
             None => Ok(()),
             Some(retry_after) => Err(retry_after),
+        }
+    }
+}
+
+/// Sheds while the queue is full (no reservation: the request's own
+/// `submit` is what takes the room).
+impl<J, R, K> Capacity for crate::queue::WorkQueue<J, R, K>
+where
+    J: Send + 'static,
+    R: Send + 'static,
+    K: std::hash::Hash + Eq + Clone + Send + 'static,
+{
+    type Permit = ();
+
+    fn try_admit(&self) -> std::result::Result<(), Duration> {
+        if self.is_full() {
+            Err(self.retry_after_hint())
+        } else {
+            Ok(())
         }
     }
 }
@@ -219,6 +236,31 @@ impl<C: Capacity> LoadShedLayer<C> {
         LoadShedLayer {
             capacity: Arc::new(capacity),
         }
+    }
+
+    /// A layer over a capacity the application also uses, such as the
+    /// [`WorkQueue`](crate::queue::WorkQueue) its handlers submit to.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::sync::Arc;
+    /// use raceguard::middleware::LoadShedLayer;
+    /// use raceguard::queue::WorkQueue;
+    /// use tower::{Layer, ServiceExt};
+    ///
+    /// let queue = Arc::new(WorkQueue::builder().capacity(1).workers(1).build(|_: ()| async {})?);
+    /// let app = tower::service_fn(|_: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    /// });
+    /// let svc = LoadShedLayer::shared(queue.clone()).layer(app);
+    /// let _held = queue.submit(())?; // fills the queue (the worker has not run yet)
+    /// let resp = svc.oneshot(http::Request::new(())).await.unwrap();
+    /// assert_eq!(resp.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    /// assert!(resp.headers().contains_key("retry-after"));
+    /// # Ok::<(), raceguard::Error>(()) }).unwrap();
+    /// ```
+    pub fn shared(capacity: Arc<C>) -> Self {
+        LoadShedLayer { capacity }
     }
 }
 
