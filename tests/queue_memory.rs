@@ -705,3 +705,32 @@ async fn dropping_the_queue_drains_it() {
     }
     assert_eq!(rest, vec![1, 2, 3, 4]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_job_is_handed_back_not_lost() {
+    let queue = WorkQueue::builder()
+        .capacity(1)
+        .workers(1)
+        .build(|s: String| async move { s })
+        .unwrap();
+    let first = queue.try_submit("a".to_string()).unwrap();
+    // The worker has not run yet (nothing awaited): the queue is full.
+    let refused = queue
+        .try_submit_keyed("k".into(), "b".to_string())
+        .unwrap_err();
+    assert_eq!(refused.error().kind(), ErrorKind::Capacity);
+    assert_eq!(refused.into_job(), "b");
+    assert_eq!(first.await.unwrap(), "a");
+    let report = queue
+        .shutdown(Shutdown::Drain(Duration::from_secs(1)))
+        .await;
+    assert_eq!(report.accepted, 1);
+    let (job, err) = queue.try_submit("c".to_string()).unwrap_err().into_parts();
+    assert_eq!((job.as_str(), err.kind()), ("c", ErrorKind::Closed));
+    // `?` turns a refusal into the crate's error.
+    fn submit(q: &WorkQueue<String, String>) -> Result<(), Error> {
+        q.try_submit("d".to_string())?;
+        Ok(())
+    }
+    assert_eq!(submit(&queue).unwrap_err().kind(), ErrorKind::Closed);
+}

@@ -69,5 +69,6 @@ mod work;
 
 pub use job::JobHandle;
 pub use work::{
-    DEFAULT_CAPACITY, DEFAULT_RETRY_AFTER, Shutdown, ShutdownReport, WorkQueue, WorkQueueBuilder,
+    DEFAULT_CAPACITY, DEFAULT_RETRY_AFTER, Rejected, Shutdown, ShutdownReport, WorkQueue,
+    WorkQueueBuilder,
 };

@@ -460,7 +460,8 @@ where
     ///
     /// [`Error::CapacityExceeded`] (resource `"work queue"`) when `capacity`
     /// jobs are already queued; [`Error::Closed`] once shutdown began. In
-    /// both cases `job` is dropped, not run.
+    /// both cases `job` is dropped, not run; use
+    /// [`try_submit`](WorkQueue::try_submit) to get it back.
     ///
     /// ```
     /// use raceguard::{Error, ErrorKind};
@@ -477,7 +478,48 @@ where
     /// # Ok(()) }
     /// ```
     pub fn submit(&self, job: J) -> Result<JobHandle<R>> {
+        self.push(None, job).map_err(Rejected::into_error)
+    }
+
+    /// [`submit`](WorkQueue::submit) that hands a refused job back: the
+    /// caller can answer 503 and keep the job (write it to a dead-letter
+    /// store, retry it later) instead of losing it.
+    ///
+    /// # Errors
+    ///
+    /// [`Rejected`] with the job and the reason (`CapacityExceeded` or
+    /// `Closed`, as for `submit`).
+    ///
+    /// ```
+    /// use raceguard::{Error, ErrorKind};
+    /// use raceguard::queue::WorkQueue;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Error> {
+    /// let queue = WorkQueue::builder().capacity(1).build(|s: String| async move { s.len() })?;
+    /// let first = queue.try_submit("first".to_string())?;
+    /// let refused = queue.try_submit("second".to_string()).unwrap_err();
+    /// assert_eq!(refused.error().kind(), ErrorKind::Capacity);
+    /// assert_eq!(refused.into_job(), "second"); // nothing lost
+    /// assert_eq!(first.await?, 5);
+    /// # Ok(()) }
+    /// ```
+    pub fn try_submit(&self, job: J) -> std::result::Result<JobHandle<R>, Rejected<J>> {
         self.push(None, job)
+    }
+
+    /// [`submit_keyed`](WorkQueue::submit_keyed) that hands a refused job
+    /// back (see [`try_submit`](WorkQueue::try_submit)).
+    ///
+    /// # Errors
+    ///
+    /// [`Rejected`] with the job and the reason.
+    pub fn try_submit_keyed(
+        &self,
+        key: K,
+        job: J,
+    ) -> std::result::Result<JobHandle<R>, Rejected<J>> {
+        self.push(Some(key), job)
     }
 
     /// Queues `job` behind every earlier job with the same `key`: jobs of
@@ -518,22 +560,28 @@ where
     /// # Ok(()) }
     /// ```
     pub fn submit_keyed(&self, key: K, job: J) -> Result<JobHandle<R>> {
-        self.push(Some(key), job)
+        self.push(Some(key), job).map_err(Rejected::into_error)
     }
 
-    fn push(&self, key: Option<K>, job: J) -> Result<JobHandle<R>> {
+    fn push(&self, key: Option<K>, job: J) -> std::result::Result<JobHandle<R>, Rejected<J>> {
         let inner = &*self.inner;
         let (tx, rx) = oneshot::channel();
         let mut st = inner.state.lock();
         if st.mode != Mode::Open {
             inner.metrics.rejected_closed();
-            return Err(closed());
+            return Err(Rejected {
+                job,
+                error: closed(),
+            });
         }
         if st.queued >= inner.capacity {
             inner.metrics.rejected_full();
-            return Err(Error::CapacityExceeded {
-                resource: "work queue",
-                capacity: inner.capacity,
+            return Err(Rejected {
+                job,
+                error: Error::CapacityExceeded {
+                    resource: "work queue",
+                    capacity: inner.capacity,
+                },
             });
         }
         let seq = st.next_seq;
@@ -1234,5 +1282,61 @@ impl Drop for Running<'_> {
         if let Some(m) = self.0.take() {
             m.aborted.increment(1);
         }
+    }
+}
+
+/// A job the queue refused, handed back with the reason
+/// ([`WorkQueue::try_submit`]). Converts into the reason with `?` in
+/// functions returning [`crate::Error`].
+pub struct Rejected<J> {
+    job: J,
+    error: Error,
+}
+
+impl<J> Rejected<J> {
+    /// Why the job was refused: `CapacityExceeded` or `Closed`.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+
+    /// The refused job.
+    pub fn into_job(self) -> J {
+        self.job
+    }
+
+    /// The reason, dropping the job.
+    pub fn into_error(self) -> Error {
+        self.error
+    }
+
+    /// The job and the reason.
+    pub fn into_parts(self) -> (J, Error) {
+        (self.job, self.error)
+    }
+}
+
+impl<J> fmt::Debug for Rejected<J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rejected")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<J> fmt::Display for Rejected<J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job refused: {}", self.error)
+    }
+}
+
+impl<J> std::error::Error for Rejected<J> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<J> From<Rejected<J>> for Error {
+    fn from(r: Rejected<J>) -> Error {
+        r.error
     }
 }
