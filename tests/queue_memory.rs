@@ -729,7 +729,7 @@ async fn a_refused_job_is_handed_back_not_lost() {
     assert_eq!((job.as_str(), err.kind()), ("c", ErrorKind::Closed));
     // `?` turns a refusal into the crate's error.
     fn submit(q: &WorkQueue<String, String>) -> Result<(), Error> {
-        q.try_submit("d".to_string())?;
+        let _handle = q.try_submit("d".to_string())?;
         Ok(())
     }
     assert_eq!(submit(&queue).unwrap_err().kind(), ErrorKind::Closed);
