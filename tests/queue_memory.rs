@@ -734,3 +734,43 @@ async fn a_refused_job_is_handed_back_not_lost() {
     }
     assert_eq!(submit(&queue).unwrap_err().kind(), ErrorKind::Closed);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_shutdown_leaves_every_worker_to_the_next_call() {
+    // One job hangs forever; one more waits behind it.
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = Arc::new(Mutex::new(Some(started_tx)));
+    let queue = WorkQueue::builder()
+        .capacity(4)
+        .workers(1)
+        .build(move |n: u32| {
+            let started_tx = started_tx.clone();
+            async move {
+                if let Some(tx) = started_tx.lock().unwrap().take() {
+                    let _ = tx.send(());
+                }
+                std::future::pending::<()>().await;
+                n
+            }
+        })
+        .unwrap();
+    let _running = queue.submit(1).unwrap();
+    let _queued = queue.submit(2).unwrap();
+    started_rx.await.unwrap();
+    // A Drain shutdown whose caller gives up (drops it) while it waits.
+    let gave_up = tokio::time::timeout(
+        Duration::from_secs(1),
+        queue.shutdown(Shutdown::Drain(Duration::from_secs(3600))),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the hung job cannot drain");
+    // The next call must still be able to stop the worker and account for
+    // every job: 1 aborted (the hung one), 1 handed back, 0 completed.
+    let report = queue
+        .shutdown(Shutdown::HandBack(Duration::from_millis(1)))
+        .await;
+    assert_eq!(report.accepted, 2);
+    assert_eq!(report.completed, 0);
+    assert_eq!(report.handed_back, vec![2]);
+    assert_eq!(report.aborted, 1);
+}

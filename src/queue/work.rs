@@ -122,6 +122,8 @@ struct Inner<J, R, K> {
     work: Notify,
     /// Wakes workers paused by the limiter when jobs are handed back.
     hand_back: Notify,
+    /// Wakes `shutdown` calls when a worker task ends.
+    exited: Notify,
 }
 
 /// A bounded queue of jobs run by N worker tasks (race R10 of
@@ -437,6 +439,7 @@ impl<J, R, K> WorkQueueBuilder<J, R, K> {
             name: self.name,
             work: Notify::new(),
             hand_back: Notify::new(),
+            exited: Notify::new(),
         });
         let tasks = (0..self.workers)
             .map(|id| rt.spawn(worker(inner.clone(), id)))
@@ -565,7 +568,6 @@ where
 
     fn push(&self, key: Option<K>, job: J) -> std::result::Result<JobHandle<R>, Rejected<J>> {
         let inner = &*self.inner;
-        let (tx, rx) = oneshot::channel();
         let mut st = inner.state.lock();
         if st.mode != Mode::Open {
             inner.metrics.rejected_closed();
@@ -584,6 +586,8 @@ where
                 },
             });
         }
+        // Only accepted jobs get a result channel: shedding stays allocation-free.
+        let (tx, rx) = oneshot::channel();
         let seq = st.next_seq;
         st.next_seq += 1;
         st.accepted += 1;
@@ -821,28 +825,16 @@ where
         } else {
             self.inner.close(Mode::Draining);
         }
-        let mut timed_out = false;
-        loop {
-            let next = self.tasks.lock().pop();
-            let Some(mut task) = next else { break };
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                // Put it back for the abort below (and for a retried call if
-                // this future is dropped).
-                self.tasks.lock().push(task);
-                timed_out = true;
-                break;
-            }
-        }
-        if timed_out {
+        // Wait for the workers to exit without taking their handles out of
+        // `tasks`: a dropped (or concurrent) `shutdown` future then leaves
+        // every handle where the next call can abort it.
+        if !self.inner.workers_exited(Some(deadline)).await {
             self.inner.hand_back();
-            let tasks: Vec<_> = self.tasks.lock().drain(..).collect();
-            for task in &tasks {
+            for task in self.tasks.lock().iter() {
                 task.abort();
             }
-            for task in tasks {
-                // Cancelled (or finished) at its next poll: bounded.
-                let _ = task.await;
-            }
+            // Cancelled (or finished) at their next poll: bounded.
+            self.inner.workers_exited(None).await;
         }
         let mut st = self.inner.state.lock();
         // A worker aborted while paused by the limiter left its job held.
@@ -867,6 +859,26 @@ impl<J, R, K> Inner<J, R, K>
 where
     K: Hash + Eq,
 {
+    /// Waits until every worker task has ended, or until `deadline`;
+    /// `true` when they all ended.
+    async fn workers_exited(&self, deadline: Option<Instant>) -> bool {
+        loop {
+            let mut exited = pin!(self.exited.notified());
+            exited.as_mut().enable();
+            if self.state.lock().live_workers == 0 {
+                return true;
+            }
+            match deadline {
+                None => exited.await,
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, exited).await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     fn close(&self, to: Mode) {
         let mut st = self.state.lock();
         if st.mode == Mode::Open {
@@ -1067,6 +1079,7 @@ struct LiveWorker<'a, J, R, K>(&'a Inner<J, R, K>);
 impl<J, R, K> Drop for LiveWorker<'_, J, R, K> {
     fn drop(&mut self) {
         self.0.state.lock().live_workers -= 1;
+        self.0.exited.notify_waiters();
     }
 }
 
