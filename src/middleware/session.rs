@@ -77,22 +77,21 @@ impl SessionSource {
             SessionSource::Cookie(name) => {
                 let mut found = None;
                 for header in headers.get_all(COOKIE) {
-                    // A cookie header that is not text cannot carry our
-                    // cookie in a form we would accept.
-                    let Ok(text) = header.to_str() else {
-                        return Err(BAD);
-                    };
-                    for pair in text.split(';') {
-                        let Some((k, v)) = pair.trim().split_once('=') else {
+                    // Split the raw bytes: another cookie with a non-ASCII
+                    // value must not make our cookie unreadable.
+                    for pair in header.as_bytes().split(|b| *b == b';') {
+                        let Some(eq) = pair.iter().position(|b| *b == b'=') else {
                             continue;
                         };
-                        if k.trim() == name.as_ref() {
+                        let (k, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
+                        if k == name.as_bytes() {
                             if found.is_some() {
                                 // Two cookies of one name: which one would a
                                 // proxy or the browser have meant?
                                 return Err(BAD);
                             }
-                            found = Some(v.trim());
+                            // Our own cookie's value must be text.
+                            found = Some(std::str::from_utf8(v).map_err(|_| BAD)?);
                         }
                     }
                 }
@@ -329,6 +328,13 @@ mod tests {
         assert_eq!(src.claimed("/", &cookies(&["flag; sid=v"])), Ok(Some("v")));
         let dup = src.claimed("/", &cookies(&["sid=a", "sid=b"])).unwrap_err();
         assert_eq!(dup.status(), StatusCode::BAD_REQUEST);
+        // Another cookie's non-ASCII value does not hide ours.
+        let mut other = HeaderMap::new();
+        other.append(
+            COOKIE,
+            HeaderValue::from_bytes(b"name=Jos\xc3\xa9; sid=abc").unwrap(),
+        );
+        assert_eq!(src.claimed("/", &other), Ok(Some("abc")));
         let mut h = HeaderMap::new();
         h.append(COOKIE, HeaderValue::from_bytes(b"sid=\xff").unwrap());
         assert_eq!(
