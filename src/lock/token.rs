@@ -141,12 +141,28 @@ impl TokenSource {
         }
         #[cfg(not(raceguard_loom))]
         {
+            self.next_with(getrandom::fill)
+        }
+    }
+
+    /// [`next`](Self::next) with the refill function given (tests make it
+    /// fail).
+    #[cfg(not(raceguard_loom))]
+    fn next_with(
+        &self,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), getrandom::Error>,
+    ) -> Result<Token, Error> {
+        {
             let mut pool = self.pool.lock();
             if pool.used + 16 > pool.buf.len() {
                 if pool.buf.is_empty() {
                     pool.buf = vec![0u8; Self::BATCH].into_boxed_slice();
                 }
-                getrandom::fill(&mut pool.buf).map_err(|e| Error::backend("os rng", false, e))?;
+                // Spent before the fill: a failed fill leaves nothing to
+                // hand out (never the zeroed or already-used bytes), and
+                // the next call tries again.
+                pool.used = pool.buf.len();
+                fill(&mut pool.buf).map_err(|e| Error::backend("os rng", false, e))?;
                 pool.used = 0;
             }
             let at = pool.used;
@@ -321,6 +337,38 @@ mod tests {
         // Two sources never share bytes.
         let other = TokenSource::new();
         assert!((0..256).all(|_| !seen.contains(&other.next().unwrap().0)));
+    }
+
+    #[test]
+    fn a_failed_refill_never_hands_out_stale_bytes() {
+        let source = TokenSource::new();
+        let fail = |_: &mut [u8]| Err(getrandom::Error::UNSUPPORTED);
+        // The first fill fails: an error, and nothing usable left behind.
+        assert!(source.next_with(fail).is_err());
+        // The next call must refill (here with a known pattern), not hand
+        // out the zeroed buffer.
+        let pattern = |b: &mut [u8]| {
+            b.fill(0xab);
+            Ok(())
+        };
+        assert_eq!(
+            source.next_with(pattern).unwrap().0,
+            u128::from_le_bytes([0xab; 16])
+        );
+        // A failed refill after the buffer ran out: the same.
+        let slots = TokenSource::BATCH / 16;
+        for _ in 1..slots {
+            source.next_with(fail).unwrap(); // from the buffer, no refill
+        }
+        assert!(source.next_with(fail).is_err());
+        assert!(
+            source.next_with(fail).is_err(),
+            "no stale slot after a failure"
+        );
+        assert_eq!(
+            source.next_with(pattern).unwrap().0,
+            u128::from_le_bytes([0xab; 16])
+        );
     }
 
     #[test]
