@@ -403,7 +403,7 @@ async fn keyed_backend_runs_any_keyed_limit() {
         .clock(clock.clone())
         .build()
         .unwrap();
-    let backend = Arc::new(KeyedBackend::new("api", quota, limiter).unwrap());
+    let backend = Arc::new(KeyedBackend::new("api", limiter).unwrap());
     let (_, inner) = counting();
     let svc = RateLimitLayer::new(backend.clone()).layer(inner);
     let ok = send(&svc, authed("alice")).await;
@@ -418,6 +418,37 @@ async fn keyed_backend_runs_any_keyed_limit() {
     assert_eq!(spent.remaining(), 0);
     let untouched = backend.limiter().peek_n(&user("alice"), 0).unwrap();
     assert_eq!(untouched.remaining(), 2);
+}
+
+#[tokio::test]
+async fn keyed_backend_reports_each_keys_own_quota() {
+    // A resolver gives premium users 10 per minute: the policy header must
+    // say so, agreeing with `r`, never the default quota.
+    let clock = ManualClock::new();
+    let limiter = KeyedRateLimiter::<UserId, _>::builder(Quota::per_minute(2).unwrap())
+        .clock(clock.clone())
+        .quota_resolver(|u: &UserId| {
+            if u.as_str() == "u:premium" {
+                Quota::per_minute(10).unwrap()
+            } else {
+                Quota::per_minute(2).unwrap()
+            }
+        })
+        .build()
+        .unwrap();
+    let svc = RateLimitLayer::new(Arc::new(KeyedBackend::new("api", limiter).unwrap()))
+        .layer(counting().1);
+    let premium = send(&svc, authed("premium")).await;
+    assert_eq!(
+        header(&premium, "ratelimit-policy"),
+        Some(r#""api";q=10;w=60"#)
+    );
+    assert_eq!(header(&premium, "ratelimit"), Some(r#""api";r=9;t=6"#));
+    let basic = send(&svc, authed("basic")).await;
+    assert_eq!(
+        header(&basic, "ratelimit-policy"),
+        Some(r#""api";q=2;w=60"#)
+    );
 }
 
 #[tokio::test]

@@ -756,7 +756,7 @@ impl<C: Clock> RateLimitBackend for MemoryLimits<C> {
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 /// let quota = Quota::per_minute(30)?;
 /// // Or RedisKeyedRateLimiter::new(&redis, "api", quota)?
-/// let backend = KeyedBackend::new("user", quota, KeyedRateLimiter::<UserId>::new(quota))?;
+/// let backend = KeyedBackend::new("user", KeyedRateLimiter::<UserId>::new(quota))?;
 /// let outcome = backend.check(&RateKey::User(UserId::new("alice")?)).await?;
 /// assert_eq!(outcome.policies()[0].decision().remaining(), 29);
 /// # Ok::<(), raceguard::Error>(()) }).unwrap();
@@ -765,18 +765,18 @@ impl<C: Clock> RateLimitBackend for MemoryLimits<C> {
 #[derive(Debug)]
 pub struct KeyedBackend<L> {
     name: &'static str,
-    quota: Quota,
     limiter: L,
 }
 
 impl<L: KeyedLimit + 'static> KeyedBackend<L> {
-    /// A backend reporting `limiter`'s decisions under `name` with `quota`.
+    /// A backend reporting `limiter`'s decisions under `name`, with the
+    /// quota the limiter applies to each key (its resolver's, if any).
     ///
     /// ```
     /// # use raceguard::keys::UserId;
     /// # use raceguard::rate::{KeyedRateLimiter, Quota};
     /// let q = Quota::per_second(5)?;
-    /// let b = raceguard::middleware::KeyedBackend::new("api", q, KeyedRateLimiter::<UserId>::new(q))?;
+    /// let b = raceguard::middleware::KeyedBackend::new("api", KeyedRateLimiter::<UserId>::new(q))?;
     /// assert_eq!(b.limiter().quota(), q);
     /// # Ok::<(), raceguard::Error>(())
     /// ```
@@ -784,13 +784,9 @@ impl<L: KeyedLimit + 'static> KeyedBackend<L> {
     /// # Errors
     ///
     /// [`Error::InvalidInput`] for a bad name.
-    pub fn new(name: &'static str, quota: Quota, limiter: L) -> Result<Self> {
+    pub fn new(name: &'static str, limiter: L) -> Result<Self> {
         validate_policy_name(name)?;
-        Ok(KeyedBackend {
-            name,
-            quota,
-            limiter,
-        })
+        Ok(KeyedBackend { name, limiter })
     }
 
     /// The limiter.
@@ -799,7 +795,7 @@ impl<L: KeyedLimit + 'static> KeyedBackend<L> {
     /// # use raceguard::keys::UserId;
     /// # use raceguard::rate::{KeyedRateLimiter, Quota};
     /// # let q = Quota::per_second(5)?;
-    /// let b = raceguard::middleware::KeyedBackend::new("api", q, KeyedRateLimiter::<UserId>::new(q))?;
+    /// let b = raceguard::middleware::KeyedBackend::new("api", KeyedRateLimiter::<UserId>::new(q))?;
     /// assert_eq!(b.limiter().tracked_keys(), 0);
     /// # Ok::<(), raceguard::Error>(())
     /// ```
@@ -814,7 +810,7 @@ impl<L: KeyedLimit + 'static> RateLimitBackend for KeyedBackend<L> {
         let decision = self.limiter.check_n(&id, 1).await?;
         Ok(LimitOutcome::new(vec![PolicyStatus {
             name: self.name,
-            quota: self.quota,
+            quota: self.limiter.quota_for(&id),
             decision,
         }]))
     }

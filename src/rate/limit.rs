@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use super::{Decision, KeyedRateLimiter, RateLimiter};
+use super::{Decision, KeyedRateLimiter, Quota, RateLimiter};
 use crate::Result;
 use crate::clock::Clock;
 use crate::keys::UserId;
@@ -62,6 +62,10 @@ pub trait KeyedLimit: Send + Sync {
     /// `InvalidInput` when `n` exceeds the user's burst; `CapacityExceeded`
     /// when an in-memory limiter is at its key cap; backend failures.
     fn check_n(&self, user: &UserId, n: u32) -> impl Future<Output = Result<Decision>> + Send;
+
+    /// The quota `user` is limited by (the limiter's, or its resolver's for
+    /// this user): what a `RateLimit-Policy` header reports.
+    fn quota_for(&self, user: &UserId) -> Quota;
 }
 
 impl<C: Clock> Limit for RateLimiter<C> {
@@ -77,6 +81,10 @@ where
 {
     fn check_n(&self, user: &UserId, n: u32) -> impl Future<Output = Result<Decision>> + Send {
         std::future::ready(KeyedRateLimiter::check_n(self, user, n))
+    }
+
+    fn quota_for(&self, user: &UserId) -> Quota {
+        KeyedRateLimiter::quota_for(self, user)
     }
 }
 
@@ -123,5 +131,9 @@ impl Limit for crate::redis::RedisRateLimiter {
 impl KeyedLimit for crate::redis::RedisKeyedRateLimiter {
     fn check_n(&self, user: &UserId, n: u32) -> impl Future<Output = Result<Decision>> + Send {
         crate::redis::RedisKeyedRateLimiter::check_n(self, user, n)
+    }
+
+    fn quota_for(&self, user: &UserId) -> Quota {
+        crate::redis::RedisKeyedRateLimiter::quota_for(self, user)
     }
 }
