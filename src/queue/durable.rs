@@ -1022,9 +1022,19 @@ impl Consumer {
         if !malformed.is_empty() {
             let ids: Vec<(String, Option<Key>)> =
                 malformed.into_iter().map(|id| (id, None)).collect();
-            let verdicts = self.settle(&ids).await?;
-            let dead = verdicts.iter().filter(|(v, _)| *v == 2).count();
-            self.queue.inner.metrics.dead_lettered(dead);
+            // The good entries are already pending under this consumer:
+            // returning an error here would strand them until a reclaim.
+            // The malformed ones stay pending; a later reclaim settles them.
+            match self.settle(&ids).await {
+                Ok(verdicts) => {
+                    let dead = verdicts.iter().filter(|(v, _)| *v == 2).count();
+                    self.queue.inner.metrics.dead_lettered(dead);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "durable queue: could not dead-letter malformed entries; a reclaim will retry"
+                ),
+            }
         }
         Ok(out)
     }
@@ -1165,60 +1175,82 @@ impl Consumer {
         let mut out = Vec::new();
         let mut cursor = "0-0".to_owned();
         loop {
-            let want = max - out.len();
-            let mut cmd = ::redis::cmd("XAUTOCLAIM");
-            cmd.arg(&self.queue.inner.stream)
-                .arg(GROUP)
-                .arg(&*self.name)
-                .arg(millis(min_idle))
-                .arg(&cursor)
-                .arg("COUNT")
-                .arg(want);
-            let reply = match self.queue.raw_query(&cmd).await {
-                Err(e) if is_nogroup(&e) => {
-                    // No group: nothing was ever delivered from this stream.
-                    self.queue.ensure_group().await?;
+            match self
+                .reclaim_page(min_idle, &cursor, max - out.len(), &mut out)
+                .await
+            {
+                Ok(Some(next)) if out.len() < max => cursor = next,
+                Ok(_) => return Ok(out),
+                Err(e) if out.is_empty() => return Err(e),
+                Err(e) => {
+                    // Jobs of earlier pages are claimed by this consumer now
+                    // (their idle time reset): hand them out rather than
+                    // strand them until the next reclaim.
+                    tracing::warn!(error = %e, "durable queue: reclaim stopped early");
                     return Ok(out);
                 }
-                other => other.map_err(|e| self.queue.map(e, "durable queue reclaim"))?,
-            };
-            let bad = || protocol("unexpected XAUTOCLAIM reply");
-            let parts = items(&reply).ok_or_else(bad)?;
-            let (next, entries) = match parts {
-                [next, entries, ..] => (text(next).ok_or_else(bad)?, parse_entries(entries)?),
-                _ => return Err(bad()),
-            };
-            if !entries.is_empty() {
-                let keyed: Vec<(String, Option<Key>)> = entries
-                    .iter()
-                    .map(|e| {
-                        let key = std::str::from_utf8(e.field(b"k").unwrap_or_default())
-                            .ok()
-                            .filter(|k| DurableQueue::validate_idempotency_key(k).is_ok())
-                            .filter(|_| e.field(b"p").is_some())
-                            .map(|k| self.queue.job_key(k))
-                            .transpose()?;
-                        Ok((e.id.clone(), key))
-                    })
-                    .collect::<Result<_>>()?;
-                let verdicts = self.settle(&keyed).await?;
-                let metrics = &self.queue.inner.metrics;
-                for (e, (verdict, attempts)) in entries.iter().zip(verdicts) {
-                    if verdict == 2 {
-                        metrics.dead_lettered(1);
-                    } else if verdict == 3
-                        && let Some(d) = self.delivery(e, attempts)
-                    {
-                        metrics.reclaimed();
-                        out.push(d);
-                    }
+            }
+        }
+    }
+
+    /// One `XAUTOCLAIM` page from `cursor`, settled; its deliveries go to
+    /// `out`. Returns the next cursor, or `None` when the scan is done.
+    async fn reclaim_page(
+        &self,
+        min_idle: Duration,
+        cursor: &str,
+        want: usize,
+        out: &mut Vec<Delivery>,
+    ) -> Result<Option<String>> {
+        let mut cmd = ::redis::cmd("XAUTOCLAIM");
+        cmd.arg(&self.queue.inner.stream)
+            .arg(GROUP)
+            .arg(&*self.name)
+            .arg(millis(min_idle))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(want);
+        let reply = match self.queue.raw_query(&cmd).await {
+            Err(e) if is_nogroup(&e) => {
+                // No group: nothing was ever delivered from this stream.
+                self.queue.ensure_group().await?;
+                return Ok(None);
+            }
+            other => other.map_err(|e| self.queue.map(e, "durable queue reclaim"))?,
+        };
+        let bad = || protocol("unexpected XAUTOCLAIM reply");
+        let parts = items(&reply).ok_or_else(bad)?;
+        let (next, entries) = match parts {
+            [next, entries, ..] => (text(next).ok_or_else(bad)?, parse_entries(entries)?),
+            _ => return Err(bad()),
+        };
+        if !entries.is_empty() {
+            let keyed: Vec<(String, Option<Key>)> = entries
+                .iter()
+                .map(|e| {
+                    let key = std::str::from_utf8(e.field(b"k").unwrap_or_default())
+                        .ok()
+                        .filter(|k| DurableQueue::validate_idempotency_key(k).is_ok())
+                        .filter(|_| e.field(b"p").is_some())
+                        .map(|k| self.queue.job_key(k))
+                        .transpose()?;
+                    Ok((e.id.clone(), key))
+                })
+                .collect::<Result<_>>()?;
+            let verdicts = self.settle(&keyed).await?;
+            let metrics = &self.queue.inner.metrics;
+            for (e, (verdict, attempts)) in entries.iter().zip(verdicts) {
+                if verdict == 2 {
+                    metrics.dead_lettered(1);
+                } else if verdict == 3
+                    && let Some(d) = self.delivery(e, attempts)
+                {
+                    metrics.reclaimed();
+                    out.push(d);
                 }
             }
-            if next == "0-0" || out.len() >= max {
-                return Ok(out);
-            }
-            cursor = next;
         }
+        Ok((next != "0-0").then(|| next.to_owned()))
     }
 }
 
