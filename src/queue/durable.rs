@@ -1334,7 +1334,10 @@ impl Consumer {
     /// `Ok`. A handler that fails or panics leaves its job pending: it is
     /// retried after `reclaim_idle`, until
     /// [`max_attempts`](DurableQueueConfig::max_attempts) moves it to the
-    /// dead letters.
+    /// dead letters. The reclaim scan runs when the loop starts, then at
+    /// most every `reclaim_idle / 2` while it finds nothing (a job cannot
+    /// become reclaimable faster), so a busy queue pays one read per batch,
+    /// not a scan and a read.
     ///
     /// Shutdown is checked between batches: the loop stops reading, lets
     /// the running handlers finish, acknowledges them, and returns.
@@ -1376,8 +1379,17 @@ impl Consumer {
     {
         let n = check_batch(options.concurrency)?;
         let mut report = RunReport::default();
+        let scan_every = options.reclaim_idle / 2;
+        let mut next_scan = std::time::Instant::now();
         while !shutdown.is_cancelled() {
-            let mut jobs = self.reclaim(options.reclaim_idle, n).await?;
+            let now = std::time::Instant::now();
+            let mut jobs = Vec::new();
+            if now >= next_scan {
+                jobs = self.reclaim(options.reclaim_idle, n).await?;
+                if jobs.is_empty() {
+                    next_scan = now + scan_every;
+                }
+            }
             if jobs.is_empty() {
                 jobs = self.next_batch(n, options.block).await?;
             }
