@@ -9,7 +9,7 @@ use crate::Error;
 /// The longest id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 256;
 
-fn validate(what: &'static str, raw: &str) -> Result<(), Error> {
+pub(crate) fn validate(what: &'static str, raw: &str) -> Result<(), Error> {
     if raw.is_empty() {
         return Err(Error::invalid(what, "must not be empty"));
     }

@@ -39,8 +39,8 @@ use std::fmt;
 
 use crate::Error;
 
-mod escape;
-mod ids;
+pub(crate) mod escape;
+pub(crate) mod ids;
 mod slot;
 
 pub use ids::{MAX_ID_LEN, ScopeId, UserId};

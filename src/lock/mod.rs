@@ -286,13 +286,11 @@ impl LockName {
     #[cfg(feature = "redis")]
     pub(crate) fn escaped(&self) -> &str {
         self.0.escaped.get_or_init(|| {
-            // The builder is the one definition of the encoding: build a
-            // key in a one-letter namespace and keep what is inside `{}`.
-            let key = crate::keys::Key::builder("x")
-                .and_then(|b| b.owner(self).build())
-                .expect("a 1-256 byte name always fits a key");
-            let s = key.as_str();
-            Box::from(&s["x:{".len()..s.len() - 1])
+            // The escaper `KeyBuilder::owner` itself calls: one definition
+            // of the encoding (tests compare whole keys with the builder's).
+            let mut s = String::with_capacity(self.as_str().len());
+            crate::keys::escape::escape_into(&mut s, self.as_str());
+            s.into_boxed_str()
         })
     }
 

@@ -598,19 +598,8 @@ impl DurableQueue {
     }
 
     fn validate_idempotency_key(key: &str) -> Result<()> {
-        if key.is_empty() {
-            return Err(Error::invalid("idempotency_key", "must not be empty"));
-        }
-        if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-            return Err(Error::invalid(
-                "idempotency_key",
-                format!(
-                    "must be at most {MAX_IDEMPOTENCY_KEY_LEN} bytes, got {}",
-                    key.len()
-                ),
-            ));
-        }
-        Ok(())
+        // The same 1..=MAX_ID_LEN rule as user and scope ids.
+        crate::keys::ids::validate("idempotency_key", key)
     }
 
     fn job_key(&self, idempotency_key: &str) -> Result<Key> {
