@@ -12,7 +12,9 @@
 //!   free, whatever the renewal did;
 //! - a renewal of an expired lease never re-takes the lock from the next
 //!   holder;
-//! - `FencingGuard` never accepts an older token after a newer one.
+//! - `FencingGuard` never accepts an older token after a newer one;
+//! - a lost signal created (on first use) while the lease ends always
+//!   fires: the lazy signal is never left unfired on an ended lease.
 //!
 //! The async operations of the memory backend never suspend, so the models
 //! drive them with `loom::future::block_on`.
@@ -246,5 +248,28 @@ fn loom_fencing_guard_never_accepts_an_older_token_after_a_newer_one() {
         // Token 2 is always accepted; token 1 only if checked before it.
         assert!(w.contains(&2));
         assert!(w == vec![2] || w.len() == 2);
+    });
+}
+
+#[test]
+fn loom_lock_lost_signal_created_while_the_lease_ends_always_fires() {
+    loom::model(|| {
+        let clock = ManualClock::new();
+        let locks = manager(&clock);
+        let name = LockName::new("s").unwrap();
+        let guard = block_on(locks.try_acquire(&name, opts())).unwrap();
+        let lease = lease_of(&guard);
+        // The server reports the lock gone while the holder asks for its
+        // lost signal for the first time.
+        let ender = thread::spawn(move || {
+            lease.end(LostReason::NotHeld);
+        });
+        let token = guard.lost_token();
+        ender.join().unwrap();
+        assert!(
+            token.is_cancelled(),
+            "the lease ended but its lost signal never fired"
+        );
+        assert!(!guard.is_held());
     });
 }
