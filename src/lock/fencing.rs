@@ -23,8 +23,9 @@ use crate::sync::atomic::{AtomicU64, Ordering};
 /// step as the acquisition it belongs to.
 ///
 /// On the in-memory backend it comes from the manager's counter; on Redis
-/// from the acquire script (`INCR` of a companion key in the lock's hash
-/// slot, moved up to the server clock in µs when it trails it, see
+/// from the `INCR` of a companion key in the lock's hash slot, in the acquire
+/// script or the acquire transaction, moved up to the server clock in µs
+/// when it trails it or was lost (see [`Fencing`](super::Fencing) and
 /// `docs/GUARANTEES.md`).
 ///
 /// ```

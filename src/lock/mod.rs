@@ -10,7 +10,8 @@
 //! - **Acquire** stores a 128-bit random token from the OS CSPRNG (fetched
 //!   256 tokens per `getrandom` call into a per-manager buffer, each token
 //!   used once and wiped from it) with
-//!   `SET NX PX` (or the fencing script), retrying with exponential backoff
+//!   `SET NX PX` (or, fenced, the acquire script or a `MULTI`/`EXEC`: see
+//!   [`Fencing`]), retrying with exponential backoff
 //!   and full jitter until a deadline; [`LockManager::try_acquire`] makes
 //!   one attempt. A busy lock is an error ([`Error::LockBusy`]), never a
 //!   "run anyway".
@@ -134,7 +135,8 @@
 //!   thread id) and started and stopped synchronously with the guard
 //!   (Redisson#7272); the fencing counter is moved up to the server clock
 //!   (µs) when it trails it, so tokens keep increasing across a restart
-//!   without persistence.
+//!   without persistence, and [`Fencing::Counter`] offers the fenced
+//!   acquire without any script.
 //! - **node-redlock**: the abort signal for a lost lease; here a future
 //!   ([`LockGuard::lost`]) and a [`CancellationToken`](tokio_util::sync::CancellationToken).
 //! - **rslock / redlock-rs**: the Rust API shape. Changed: no panic on small
@@ -364,7 +366,7 @@ impl TryFrom<&str> for LockName {
 pub struct LockOptions {
     ttl: Duration,
     wait: Duration,
-    fencing: Option<bool>,
+    fencing: Option<Fencing>,
     watchdog: Option<Duration>,
 }
 
@@ -388,10 +390,12 @@ impl LockOptions {
         self
     }
 
-    /// Whether to issue a fencing token (overrides [`LockConfig::fencing`]).
-    /// The in-memory backend always issues one (it costs nothing there).
-    pub fn fencing(mut self, on: bool) -> Self {
-        self.fencing = Some(on);
+    /// Whether and how to issue a fencing token (overrides
+    /// [`LockConfig::fencing`]): a [`Fencing`] mode, or `true`
+    /// ([`Fencing::ServerClock`]) / `false` ([`Fencing::Off`]). The
+    /// in-memory backend always issues one (it costs nothing there).
+    pub fn fencing(mut self, mode: impl Into<Fencing>) -> Self {
+        self.fencing = Some(mode.into());
         self
     }
 
@@ -446,7 +450,7 @@ pub struct LockConfig {
     drift_factor: f64,
     drift_fixed: Duration,
     node_timeout: Duration,
-    fencing: bool,
+    fencing: Fencing,
     name: Option<String>,
 }
 
@@ -468,7 +472,7 @@ impl fmt::Debug for LockConfig {
 impl Default for LockConfig {
     /// The monotonic [`SystemClock`], namespace `lock`, retries from 2 ms
     /// doubling up to 50 ms (full jitter), drift `1% + 2 ms`, Redlock node
-    /// timeout 50 ms, fencing on, no name.
+    /// timeout 50 ms, fencing on ([`Fencing::ServerClock`]), no name.
     fn default() -> Self {
         LockConfig {
             clock: StdArc::new(SystemClock::new()),
@@ -478,7 +482,7 @@ impl Default for LockConfig {
             drift_factor: 0.01,
             drift_fixed: Duration::from_millis(2),
             node_timeout: Duration::from_millis(50),
-            fencing: true,
+            fencing: Fencing::ServerClock,
             name: None,
         }
     }
@@ -525,12 +529,14 @@ impl LockConfig {
         self
     }
 
-    /// Whether acquisitions issue fencing tokens unless
-    /// [`LockOptions::fencing`] says otherwise (default: on). On Redis a
-    /// fenced acquire is a script (`SET NX PX` + `INCR`) instead of a bare
-    /// `SET NX PX`; `BENCHMARKS.md` measures the difference.
-    pub fn fencing(mut self, on: bool) -> Self {
-        self.fencing = on;
+    /// Whether and how acquisitions issue fencing tokens unless
+    /// [`LockOptions::fencing`] says otherwise: a [`Fencing`] mode, or
+    /// `true` ([`Fencing::ServerClock`], the default) / `false`
+    /// ([`Fencing::Off`]). On Redis the modes differ in what they cost and
+    /// in which failures the tokens survive; see [`Fencing`] and
+    /// `BENCHMARKS.md`.
+    pub fn fencing(mut self, mode: impl Into<Fencing>) -> Self {
+        self.fencing = mode.into();
         self
     }
 
@@ -586,6 +592,84 @@ impl LockConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// How a Redis or Redlock acquisition issues its [`FencingToken`].
+///
+/// Every mode but [`Off`](Fencing::Off) issues the token in the same atomic
+/// step as the acquisition, from a counter key `<ns>:{<name>}:fence` in the
+/// lock key's hash slot that never expires and is never deleted by a
+/// release. The modes differ in what the server runs per acquire and in
+/// which failures the tokens keep increasing through (`docs/GUARANTEES.md`
+/// has the whole failure model; `BENCHMARKS.md` the cost):
+///
+/// | mode | per acquire | a lost counter (restart without persistence, eviction, `FLUSHALL`) | a counter rolled back (restart from an older RDB/AOF, failover to a lagging replica) |
+/// |---|---|---|---|
+/// | [`ServerClock`](Fencing::ServerClock) (default) | one script: `SET NX PX`, `INCR`, `TIME` | restarts above the server clock in µs | moved up to the server clock in µs by the next acquire, when it trails it by more than ~65 ms |
+/// | [`Counter`](Fencing::Counter) | `MULTI`/`EXEC` of `SET NX PX` + `INCR`, no script | restarts above the server clock in µs (one more round trip, once) | **not detected**: tokens can repeat |
+/// | [`Off`](Fencing::Off) | `SET NX PX` | — | — |
+///
+/// `true` converts to `ServerClock`, `false` to `Off`. The in-memory
+/// backend always issues exact tokens, whatever the mode. Redlock refuses
+/// `Counter` with [`Error::InvalidInput`]: the largest of several
+/// independent counters only orders tokens when the counters follow one
+/// clock.
+///
+/// ```
+/// use raceguard::lock::{Fencing, LockConfig, LockOptions};
+/// use std::time::Duration;
+///
+/// assert_eq!(Fencing::default(), Fencing::ServerClock);
+/// assert_eq!(Fencing::from(false), Fencing::Off);
+/// // A persistent (`appendfsync always`), never-failed-over Redis: the
+/// // cheaper counter is enough.
+/// let config = LockConfig::default().fencing(Fencing::Counter);
+/// let opts = LockOptions::new(Duration::from_secs(5)).fencing(true);
+/// # let _ = (config, opts);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Fencing {
+    /// No fencing token: a bare `SET NX PX`. The lock is then an
+    /// efficiency lock only (it avoids duplicate work), not safe against a
+    /// holder that pauses past its lease.
+    Off,
+    /// The counter's `INCR`, sent with the `SET NX PX` in one `MULTI`/`EXEC`
+    /// (no Lua on acquire). Tokens strictly increase while the counter
+    /// survives. A counter found missing (`INCR` answers 1: a restart
+    /// without persistence, an eviction, a flush) is moved up to the server
+    /// clock in µs by a second, compare-checked step before the token is
+    /// handed out, so those losses are covered too. A counter *rolled back*
+    /// but present (a restart from an older snapshot, AOF `everysec` losing
+    /// its last second, a failover to a replica that lagged) is not: tokens
+    /// issued before can be issued again. Choose it for a Redis with
+    /// `appendfsync always` and no failover, where it is the cheapest
+    /// correct fencing.
+    Counter,
+    /// The acquire script: `SET NX PX`, then `INCR` of the counter, moved up
+    /// to the server clock in µs whenever it trails it by more than 65,536
+    /// µs. Tokens keep increasing across counter loss *and* rollback, as
+    /// long as the outage outlasted ~65 ms and the servers' clocks agree to
+    /// within that. The default.
+    #[default]
+    ServerClock,
+}
+
+impl Fencing {
+    /// Whether this mode issues a token.
+    pub const fn is_on(self) -> bool {
+        !matches!(self, Fencing::Off)
+    }
+}
+
+impl From<bool> for Fencing {
+    fn from(on: bool) -> Self {
+        if on {
+            Fencing::ServerClock
+        } else {
+            Fencing::Off
+        }
     }
 }
 
@@ -733,7 +817,7 @@ impl Inner {
         name: &LockName,
         token: Token,
         ttl: u64,
-        fenced: bool,
+        fenced: Fencing,
     ) -> Result<Attempt, Error> {
         match &self.backend {
             Backend::Memory(m) => {
@@ -1012,6 +1096,7 @@ impl LockManager {
         config: LockConfig,
     ) -> Result<Self, Error> {
         config.validate()?;
+        check_redlock_fencing(config.fencing)?;
         if nodes.is_empty() {
             return Err(Error::invalid(
                 "lock.nodes",
@@ -1156,6 +1241,10 @@ impl LockManager {
             }
         };
         let fenced = opts.fencing.unwrap_or(inner.config.fencing);
+        #[cfg(feature = "redis")]
+        if let Backend::Redlock(_) = inner.backend {
+            check_redlock_fencing(fenced)?;
+        }
         let token = inner.tokens.next()?;
         let mut rng = SplitMix64::new(token.seed());
         let deadline = if waiting && !opts.wait.is_zero() {
@@ -1262,6 +1351,23 @@ impl LockManager {
             attempt = attempt.saturating_add(1);
         }
     }
+}
+
+/// Refuses [`Fencing::Counter`] on Redlock: independent nodes' counters
+/// drift apart (a node that was down missed increments), so the largest
+/// of one quorum's counters can exceed the next quorum's. Only counters
+/// kept near one clock ([`Fencing::ServerClock`]) make the maximum
+/// meaningful across nodes.
+#[cfg(feature = "redis")]
+fn check_redlock_fencing(fencing: Fencing) -> Result<(), Error> {
+    if fencing == Fencing::Counter {
+        return Err(Error::invalid(
+            "lock.fencing",
+            "Fencing::Counter cannot order tokens across independent Redlock nodes; \
+             use Fencing::ServerClock (the default) or Fencing::Off",
+        ));
+    }
+    Ok(())
 }
 
 /// Sleeps for `delay` or until `notified` fires, whichever is first.

@@ -8,8 +8,11 @@
 //! - Every request goes over the backend's one shared multiplexed
 //!   connection (per node on a cluster), in order: a cleanup
 //!   compare-and-delete sent after an acquire request is executed after it.
-//! - Only the three scripts below and `SET NX PX` ever write a lock key;
-//!   release and extension compare the owner token inside the script.
+//! - Only the scripts below and `SET NX PX` (alone, or in the
+//!   `MULTI`/`EXEC` of [`Fencing::Counter`]) ever write a lock key; release
+//!   and extension compare the owner token inside the script.
+//! - The fencing counter only ever grows: `INCR`, or a `SET` to the server
+//!   clock when that is larger (acquire.lua, refloor.lua).
 //! - The keys are written straight into each command's buffer from the
 //!   manager's prefix `<ns>:{` and the name's escaped component (computed
 //!   once per [`LockName`]): byte for byte what
@@ -23,10 +26,10 @@
 
 use std::io::Write as _;
 
-use ::redis::{Cmd, ErrorKind, RedisWrite, Script, ServerErrorKind, ToRedisArgs, Value};
+use ::redis::{Cmd, ErrorKind, Pipeline, RedisWrite, Script, ServerErrorKind, ToRedisArgs, Value};
 
 use super::token::{Token, ceil_millis};
-use super::{Attempt, LockName};
+use super::{Attempt, Fencing, LockName};
 use crate::Error;
 use crate::redis::{RedisBackend, map_redis_error};
 
@@ -36,6 +39,7 @@ pub(crate) struct RedisLocks {
     /// `<namespace>:{`: every lock key starts with it.
     prefix: Box<str>,
     acquire: Script,
+    refloor: Script,
     release: Script,
     extend: Script,
 }
@@ -76,6 +80,7 @@ impl RedisLocks {
             redis,
             prefix: format!("{namespace}:{{").into_boxed_str(),
             acquire: Script::new(include_str!("acquire.lua")),
+            refloor: Script::new(include_str!("refloor.lua")),
             release: Script::new(include_str!("release.lua")),
             extend: Script::new(include_str!("extend.lua")),
         }
@@ -138,52 +143,121 @@ impl RedisLocks {
         }
     }
 
-    /// One acquisition attempt: the fencing script, or a bare `SET NX PX`.
+    /// `SET <key> <token> NX PX <ttl_ms>`, sized up front.
+    fn set_nx(key: &KeyArg<'_>, token: Token, ttl_ms: u64) -> Cmd {
+        let mut cmd = Cmd::with_capacity(6, 3 + key.len() + 32 + 2 + 2 + 20);
+        cmd.arg("SET")
+            .arg(key)
+            .arg(&token.hex_bytes()[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms);
+        cmd
+    }
+
+    /// One acquisition attempt, as `fencing` says: a bare `SET NX PX`, the
+    /// counter in a `MULTI`/`EXEC`, or the fencing script.
     pub(crate) async fn try_once(
         &self,
         name: &LockName,
         token: Token,
         ttl: u64,
-        fenced: bool,
+        fencing: Fencing,
     ) -> Result<Attempt, Error> {
         let key = self.key(name, "");
         let ttl_ms = ceil_millis(ttl);
-        if fenced {
-            let keys = [key, self.key(name, FENCE_SUFFIX)];
-            let cmd = Self::evalsha(&self.acquire, &keys, token, Some(ttl_ms));
-            let r = self.eval(&self.acquire, &cmd).await?;
-            Ok(if r > 0 {
-                Attempt::Acquired {
-                    fence: Some(r as u64),
-                }
-            } else {
-                let pttl_ms = (-1i64).saturating_sub(r).max(0) as u64;
-                Attempt::Busy {
-                    remaining: Some(pttl_ms.saturating_mul(1_000_000)),
-                    clean: true,
-                }
-            })
-        } else {
-            let mut cmd = Cmd::with_capacity(6, 3 + key.len() + 32 + 2 + 2 + 20);
-            cmd.arg("SET")
-                .arg(&key)
-                .arg(&token.hex_bytes()[..])
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_ms);
-            match self.redis.query::<Value>(&cmd).await? {
+        match fencing {
+            Fencing::ServerClock => {
+                let keys = [key, self.key(name, FENCE_SUFFIX)];
+                let cmd = Self::evalsha(&self.acquire, &keys, token, Some(ttl_ms));
+                let r = self.eval(&self.acquire, &cmd).await?;
+                Ok(if r > 0 {
+                    Attempt::Acquired {
+                        fence: Some(r as u64),
+                    }
+                } else {
+                    let pttl_ms = (-1i64).saturating_sub(r).max(0) as u64;
+                    Attempt::Busy {
+                        remaining: Some(pttl_ms.saturating_mul(1_000_000)),
+                        clean: true,
+                    }
+                })
+            }
+            Fencing::Counter => self.try_counter(name, token, ttl_ms).await,
+            Fencing::Off => match self
+                .redis
+                .query::<Value>(&Self::set_nx(&key, token, ttl_ms))
+                .await?
+            {
                 Value::Okay => Ok(Attempt::Acquired { fence: None }),
                 Value::Nil => Ok(Attempt::Busy {
                     remaining: None,
                     clean: true,
                 }),
-                other => Err(Error::backend(
-                    "redis",
-                    false,
-                    format!("unexpected reply to SET NX PX: {other:?}"),
-                )),
-            }
+                other => Err(unexpected("SET NX PX", &other)),
+            },
         }
+    }
+
+    /// [`Fencing::Counter`]: `MULTI`, `SET NX PX`, `INCR` of the counter,
+    /// `EXEC`, written in one go (one round trip, no script). Both commands
+    /// run in one atomic step; a refused `SET` still increments the
+    /// counter, which only leaves a gap between tokens. An `INCR` answering
+    /// 1 found the counter missing: [`refloor`](Self::refloor) moves it
+    /// above the server clock before a token is handed out.
+    async fn try_counter(
+        &self,
+        name: &LockName,
+        token: Token,
+        ttl_ms: u64,
+    ) -> Result<Attempt, Error> {
+        let key = self.key(name, "");
+        let fence = self.key(name, FENCE_SUFFIX);
+        let mut incr = Cmd::with_capacity(2, 4 + fence.len());
+        incr.arg("INCR").arg(&fence);
+        let mut pipe = Pipeline::with_capacity(2);
+        pipe.atomic()
+            .add_command(Self::set_nx(&key, token, ttl_ms))
+            .add_command(incr);
+        let mut conn = self.redis.connection();
+        let (set, counter): (Value, i64) = pipe.query_async(&mut conn).await.map_err(|e| {
+            map_redis_error(
+                e,
+                "redis lock acquire",
+                self.redis.config().get_response_timeout(),
+            )
+        })?;
+        match set {
+            Value::Okay if counter > 1 => Ok(Attempt::Acquired {
+                fence: Some(counter as u64),
+            }),
+            Value::Okay => self.refloor(name, token).await,
+            Value::Nil => Ok(Attempt::Busy {
+                remaining: None,
+                clean: true,
+            }),
+            other => Err(unexpected("SET NX PX in MULTI", &other)),
+        }
+    }
+
+    /// The second step of a counter-fenced acquire that found its counter
+    /// missing (refloor.lua): only while this owner still holds the lock.
+    async fn refloor(&self, name: &LockName, token: Token) -> Result<Attempt, Error> {
+        let keys = [self.key(name, ""), self.key(name, FENCE_SUFFIX)];
+        let cmd = Self::evalsha(&self.refloor, &keys, token, None);
+        let r = self.eval(&self.refloor, &cmd).await?;
+        Ok(if r > 1 {
+            Attempt::Acquired {
+                fence: Some(r as u64),
+            }
+        } else {
+            // The lease ended before the token could be issued: nothing of
+            // ours is left (the key expired or belongs to someone else).
+            Attempt::Busy {
+                remaining: None,
+                clean: true,
+            }
+        })
     }
 
     /// Compare-and-delete; `true` when this token's lock was deleted.
@@ -208,6 +282,14 @@ impl RedisLocks {
         );
         Ok(self.eval(&self.extend, &cmd).await? == 1)
     }
+}
+
+fn unexpected(what: &str, reply: &Value) -> Error {
+    Error::backend(
+        "redis",
+        false,
+        format!("unexpected reply to {what}: {reply:?}"),
+    )
 }
 
 #[cfg(all(test, not(raceguard_loom)))]
@@ -281,7 +363,10 @@ mod tests {
             let _: () = server.query(&["SCRIPT", "FLUSH"]).unwrap();
         };
         flush();
-        let first = locks.try_once(&name, token, ttl, true).await.unwrap();
+        let first = locks
+            .try_once(&name, token, ttl, Fencing::ServerClock)
+            .await
+            .unwrap();
         let Attempt::Acquired { fence: Some(f1) } = first else {
             panic!("{first:?}")
         };
@@ -290,10 +375,58 @@ mod tests {
         flush();
         assert!(locks.release(&name, token).await.unwrap());
         flush();
-        let again = locks.try_once(&name, token, ttl, true).await.unwrap();
+        let again = locks
+            .try_once(&name, token, ttl, Fencing::ServerClock)
+            .await
+            .unwrap();
         assert!(matches!(again, Attempt::Acquired { fence: Some(f2) } if f2 > f1));
         let stats: String = server.query(&["INFO", "commandstats"]).unwrap();
         assert!(stats.contains("cmdstat_script|load"), "{stats}");
+    }
+
+    /// The counter mode's second step writes and issues a token only while
+    /// the caller still holds the lock (its lease may have ended between the
+    /// two round trips); then the token is above the server clock.
+    #[cfg(feature = "test-util")]
+    #[tokio::test]
+    async fn refloor_issues_a_token_only_while_the_lock_is_ours() {
+        use crate::testing::RedisServer;
+        let Some(server) = RedisServer::start_or_skip() else {
+            return;
+        };
+        let redis = RedisBackend::connect(server.url(), crate::redis::RedisConfig::default())
+            .await
+            .unwrap();
+        let locks = RedisLocks::new(redis, "lock");
+        let name = LockName::new("refloor").unwrap();
+        let (ours, theirs) = (Token::from_u128(1), Token::from_u128(2));
+        let _: () = server
+            .query(&["SET", "lock:{refloor}", &theirs.hex()])
+            .unwrap();
+        let lost = locks.refloor(&name, ours).await.unwrap();
+        assert_eq!(
+            lost,
+            Attempt::Busy {
+                remaining: None,
+                clean: true
+            }
+        );
+        let counter: Option<String> = server.query(&["GET", "lock:{refloor}:fence"]).unwrap();
+        assert_eq!(counter, None, "nothing written for a lock not ours");
+        let owner: String = server.query(&["GET", "lock:{refloor}"]).unwrap();
+        assert_eq!(owner, theirs.hex(), "the other owner's key is untouched");
+
+        let _: () = server
+            .query(&["SET", "lock:{refloor}", &ours.hex()])
+            .unwrap();
+        let t: Vec<u64> = server.query(&["TIME"]).unwrap();
+        let before = t[0] * 1_000_000 + t[1];
+        let Attempt::Acquired { fence: Some(f) } = locks.refloor(&name, ours).await.unwrap() else {
+            panic!("refloor of our own lock must issue a token")
+        };
+        assert!(f >= before, "{f} < {before}");
+        let stored: u64 = server.query(&["GET", "lock:{refloor}:fence"]).unwrap();
+        assert_eq!(stored, f);
     }
 
     #[test]

@@ -99,7 +99,7 @@ impl RedlockLocks {
         name: &LockName,
         token: Token,
         ttl: u64,
-        fenced: bool,
+        fenced: super::Fencing,
     ) -> Result<Attempt, Error> {
         let needed = self.quorum;
         let (mut granted, mut failed) = (0usize, 0usize);
