@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use raceguard::keys::Key;
 use raceguard::lock::{
-    BackendKind, Fenced, LockConfig, LockManager, LockName, LockOptions, LostReason,
+    BackendKind, Fenced, Fencing, LockConfig, LockManager, LockName, LockOptions, LostReason,
 };
 use raceguard::redis::{RedisBackend, RedisConfig};
 use raceguard::testing::{RedisCluster, RedisServer, RedisServers, wait_until};
@@ -120,13 +120,67 @@ async fn single_mutual_exclusion_under_load() {
     );
 }
 
+/// The same load with [`Fencing::Counter`]: the `MULTI`/`EXEC` acquire
+/// excludes as the script does, and every attempt (granted or refused)
+/// moved the counter up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_stalled_holder_is_fenced_off_after_expiry() {
+async fn single_mutual_exclusion_under_load_with_counter_fencing() {
     let Some(server) = RedisServer::start_or_skip() else {
         return;
     };
-    let locks = LockManager::redis_with(connect(server.url()).await, lock_config()).unwrap();
-    let other = LockManager::redis_with(connect(server.url()).await, lock_config()).unwrap();
+    let mut managers = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let redis = connect(server.url()).await;
+        let config = lock_config().fencing(Fencing::Counter);
+        managers.push(LockManager::redis_with(redis.clone(), config).unwrap());
+        conns.push(redis);
+    }
+    let _: () = server.query(&["CONFIG", "RESETSTAT"]).unwrap();
+    hammer(managers, conns, "counter").await;
+    let lock = name("counter");
+    assert_eq!(
+        server
+            .query::<Option<String>>(&["GET", &lock_key(&lock)])
+            .unwrap(),
+        None
+    );
+    let stats: String = server.query(&["INFO", "commandstats"]).unwrap();
+    let calls = |cmd: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    // One transaction per attempt, at least one per critical section ...
+    assert!(calls("exec") >= (TASKS * SECTIONS) as u64, "{stats}");
+    // ... and the server clock read once: by the first acquire, which found
+    // no counter. Every other token was a plain INCR.
+    assert_eq!(calls("time"), 1, "{stats}");
+    // The first acquire found no counter and moved it up to the server
+    // clock: it is µs-scale, not a small count.
+    let counter: u64 = server.query(&["GET", &fence_key(&lock)]).unwrap();
+    assert!(counter > 1_000_000_000_000_000, "{counter}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_stalled_holder_is_fenced_off_after_expiry() {
+    stalled_holder_is_fenced_off(Fencing::ServerClock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_stalled_holder_is_fenced_off_after_expiry_with_counter_fencing() {
+    stalled_holder_is_fenced_off(Fencing::Counter).await;
+}
+
+async fn stalled_holder_is_fenced_off(fencing: Fencing) {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let config = || lock_config().fencing(fencing);
+    let locks = LockManager::redis_with(connect(server.url()).await, config()).unwrap();
+    let other = LockManager::redis_with(connect(server.url()).await, config()).unwrap();
     let lock = name("report");
     let store = Arc::new(Fenced::new(Vec::<&str>::new()));
 
@@ -134,7 +188,7 @@ async fn single_stalled_holder_is_fenced_off_after_expiry() {
         .acquire(&lock, LockOptions::new(Duration::from_millis(300)))
         .await
         .unwrap();
-    let a_token = a.fencing_token().expect("fencing is on by default");
+    let a_token = a.fencing_token().expect("fencing is on");
     let a_lost = a.lost();
     let (resume, stalled) = tokio::sync::oneshot::channel::<()>();
     let holder = {
@@ -204,10 +258,26 @@ async fn single_restart_while_held_fires_the_signal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_fencing_tokens_keep_increasing_across_a_restart_without_persistence() {
+    tokens_keep_increasing_across_a_restart(Fencing::ServerClock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_counter_fencing_tokens_keep_increasing_across_a_restart_without_persistence() {
+    tokens_keep_increasing_across_a_restart(Fencing::Counter).await;
+}
+
+/// The server clock in µs (`TIME`).
+fn server_micros(server: &RedisServer) -> u64 {
+    let t: Vec<u64> = server.query(&["TIME"]).unwrap();
+    t[0] * 1_000_000 + t[1]
+}
+
+async fn tokens_keep_increasing_across_a_restart(fencing: Fencing) {
     let Some(server) = RedisServer::start_or_skip() else {
         return;
     };
-    let locks = LockManager::redis_with(connect(server.url()).await, lock_config()).unwrap();
+    let config = lock_config().fencing(fencing);
+    let locks = LockManager::redis_with(connect(server.url()).await, config).unwrap();
     let lock = name("fence");
     let mut last = None;
     for _ in 0..3 {
@@ -227,6 +297,7 @@ async fn single_fencing_tokens_keep_increasing_across_a_restart_without_persiste
         None,
         "the counter is gone with the data"
     );
+    let before = server_micros(&server);
     let g = locks
         .acquire(&lock, LockOptions::default().wait(Duration::from_secs(10)))
         .await
@@ -236,6 +307,97 @@ async fn single_fencing_tokens_keep_increasing_across_a_restart_without_persiste
         "{:?} after restart must exceed {last:?}",
         g.fencing_token()
     );
+    // Not merely larger: restarted from the server clock.
+    assert!(g.fencing_token().unwrap().get() >= before);
+}
+
+/// A counter lost while the server stays up (an eviction, a `DEL`, a
+/// `FLUSHDB`): the counter mode's `INCR` answers 1, and the token handed out
+/// comes from the compare-checked second step, above the server clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_counter_fencing_recovers_a_lost_counter_above_the_server_clock() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let config = lock_config().fencing(Fencing::Counter);
+    let locks = LockManager::redis_with(connect(server.url()).await, config).unwrap();
+    let lock = name("evicted");
+    let first = locks
+        .try_acquire(&lock, LockOptions::default())
+        .await
+        .unwrap();
+    let t1 = first.fencing_token().unwrap();
+    first.release().await.unwrap();
+    let second = locks
+        .try_acquire(&lock, LockOptions::default())
+        .await
+        .unwrap();
+    let t2 = second.fencing_token().unwrap();
+    assert_eq!(t2.get(), t1.get() + 1, "a live counter is a plain INCR");
+    second.release().await.unwrap();
+
+    let _: i64 = server.query(&["DEL", &fence_key(&lock)]).unwrap();
+    let before = server_micros(&server);
+    let third = locks
+        .try_acquire(&lock, LockOptions::default())
+        .await
+        .unwrap();
+    let t3 = third.fencing_token().unwrap();
+    assert!(t3 > t2, "{t3} after the loss must exceed {t2}");
+    assert!(
+        t3.get() >= before,
+        "{t3} is floored to the clock ({before})"
+    );
+    let stored: u64 = server.query(&["GET", &fence_key(&lock)]).unwrap();
+    assert_eq!(stored, t3.get(), "the counter continues from the token");
+    assert!(third.release().await.unwrap());
+}
+
+/// What separates the two fencing modes (`docs/GUARANTEES.md`): a counter
+/// *rolled back* but present (a restart from an older snapshot, a failover
+/// to a lagging replica). After an outage longer than the 65 ms margin the
+/// server-clock mode issues a token above every earlier one; the counter
+/// mode continues from the stale value and re-issues old tokens, as
+/// documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_counter_is_caught_by_server_clock_fencing_only() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let redis = connect(server.url()).await;
+    for (fencing, survives) in [(Fencing::ServerClock, true), (Fencing::Counter, false)] {
+        let config = lock_config().fencing(fencing);
+        let locks = LockManager::redis_with(redis.clone(), config).unwrap();
+        let lock = name(&format!("rollback-{fencing:?}"));
+        let mut tokens = Vec::new();
+        for _ in 0..5 {
+            let g = locks
+                .try_acquire(&lock, LockOptions::default())
+                .await
+                .unwrap();
+            tokens.push(g.fencing_token().unwrap().get());
+            g.release().await.unwrap();
+        }
+        let last = *tokens.last().unwrap();
+        // The counter as a snapshot taken two acquisitions ago left it.
+        let stale = tokens[2].to_string();
+        let _: () = server.query(&["SET", &fence_key(&lock), &stale]).unwrap();
+        // An outage longer than the margin, on the server's own clock.
+        assert!(wait_until(Duration::from_secs(10), || {
+            server_micros(&server) > last + 70_000
+        }));
+        let g = locks
+            .try_acquire(&lock, LockOptions::default())
+            .await
+            .unwrap();
+        let next = g.fencing_token().unwrap().get();
+        assert_eq!(
+            next > last,
+            survives,
+            "{fencing:?}: {next} after {tokens:?}"
+        );
+        g.release().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,6 +681,31 @@ async fn cluster_mutual_exclusion_under_load() {
     );
 }
 
+/// The counter mode's `MULTI`/`EXEC` on a Cluster: both keys in one slot,
+/// so the transaction goes to one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mutual_exclusion_under_load_with_counter_fencing() {
+    let Some(cluster) = RedisCluster::start_or_skip() else {
+        return;
+    };
+    let urls = cluster.urls();
+    let mut managers = Vec::new();
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let redis = RedisBackend::connect_cluster(&urls, redis_config())
+            .await
+            .unwrap();
+        let config = lock_config().fencing(Fencing::Counter);
+        managers.push(LockManager::redis_with(redis.clone(), config).unwrap());
+        conns.push(redis);
+    }
+    hammer(managers, conns, "counter").await;
+    let lock = name("counter");
+    let owner = cluster.node_for_key(&fence_key(&lock)).unwrap();
+    let counter: u64 = owner.query(&["GET", &fence_key(&lock)]).unwrap();
+    assert!(counter > 1_000_000_000_000_000, "{counter}");
+}
+
 // -------------------------------------------------------------------- redlock
 
 async fn redlock_over(servers: &RedisServers) -> (LockManager, Vec<RedisBackend>) {
@@ -561,6 +748,50 @@ async fn redlock_mutual_exclusion_under_load() {
             .iter()
             .all(Option::is_none)
     );
+}
+
+/// Redlock refuses [`Fencing::Counter`], in the config and per
+/// acquisition, with a typed error: independent nodes' counters drift apart
+/// (a node that was down misses increments), so the largest counter of one
+/// quorum can exceed the next quorum's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_refuses_counter_fencing() {
+    let Some(servers) = RedisServers::start_or_skip(3) else {
+        return;
+    };
+    let mut nodes = Vec::new();
+    for s in servers.iter() {
+        nodes.push(connect(s.url()).await);
+    }
+    let refused = LockManager::redlock_with(nodes.clone(), lock_config().fencing(Fencing::Counter));
+    assert!(
+        matches!(&refused, Err(Error::InvalidInput { what, .. }) if *what == "lock.fencing"),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    let locks = LockManager::redlock_with(nodes, lock_config()).unwrap();
+    let lock = name("redlock-counter");
+    let per_call = locks
+        .try_acquire(&lock, LockOptions::default().fencing(Fencing::Counter))
+        .await;
+    assert!(
+        matches!(&per_call, Err(Error::InvalidInput { what, .. }) if *what == "lock.fencing"),
+        "{:?}",
+        per_call.map(|_| ())
+    );
+    assert!(
+        keys_on(&servers, &lock_key(&lock))
+            .iter()
+            .all(Option::is_none),
+        "a refused acquisition sent nothing"
+    );
+    // The default mode works on the same nodes.
+    let g = locks
+        .try_acquire(&lock, LockOptions::default())
+        .await
+        .unwrap();
+    assert!(g.fencing_token().is_some());
+    assert!(g.release().await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
