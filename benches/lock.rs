@@ -8,8 +8,11 @@
 //!
 //! - `raceguard`: `try_acquire` + `release`, fencing off (`SET NX PX`, then
 //!   the compare-and-delete script);
-//! - `raceguard_fenced`: fencing on (the acquire script: `SET NX PX` +
-//!   `INCR` of the fencing counter + `TIME`);
+//! - `raceguard_fenced`: fencing on, the default [`Fencing::ServerClock`]
+//!   (the acquire script: `SET NX PX` + `INCR` of the fencing counter +
+//!   `TIME`);
+//! - `raceguard_counter`: [`Fencing::Counter`] (`MULTI`, `SET NX PX`,
+//!   `INCR`, `EXEC`: no script on acquire);
 //! - `rslock`: rslock 0.10 (`lock` + `unlock`, one node);
 //! - `hand_written`: the two commands by hand with the `redis` crate,
 //!   `SET NX PX` then an EVALSHA compare-and-delete, on one
@@ -41,6 +44,13 @@
 //! `RACEGUARD_LOCK_PROFILE_SHUTDOWN` set it then shuts the server down
 //! cleanly, for a `redis-server` run under callgrind).
 //!
+//! `RACEGUARD_LOCK_ALTERNATIVES=1` adds the other fenced-acquire designs
+//! measured while choosing (`alt_*`, see `Alternative`), each written
+//! plainly with the `redis` crate.
+//!
+//! [`Fencing::ServerClock`]: raceguard::lock::Fencing::ServerClock
+//! [`Fencing::Counter`]: raceguard::lock::Fencing::Counter
+//!
 //! Without the `redis` and `test-util` features, or without `redis-server`
 //! on PATH, the bench prints a notice and does nothing.
 
@@ -68,6 +78,34 @@ end
 return 0
 "#;
 
+    /// The alternative `set_incr_script`: the fenced acquire as a script
+    /// without the clock floor.
+    const SET_INCR: &str = r#"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return -1
+"#;
+
+    /// The fenced-acquire designs measured against the shipped ones (with
+    /// `RACEGUARD_LOCK_ALTERNATIVES=1`), each written plainly with the
+    /// `redis` crate and followed by the same compare-and-delete script.
+    #[derive(Clone, Copy)]
+    enum Alternative {
+        /// `EVALSHA` of `SET NX PX` + `INCR` (no clock floor).
+        SetIncrScript,
+        /// `MULTI`, `SET NX PX`, `INCR`, `TIME`, `EXEC` (the clock read
+        /// without a script; a trailing counter would need a second trip).
+        MultiIncrTime,
+        /// `MULTI`, `SET NX PX`, `XADD <fence> MAXLEN ~ 1 * f 1`, `EXEC`:
+        /// stream ids are `max(last + 1, now)` natively (but ~4.7 KB per
+        /// stream key).
+        MultiXadd,
+        /// `MULTI`, `SET NX PX`, `SET <epoch> 0 NX PX 1`, `INCR <epoch>`,
+        /// `PEXPIRETIME <epoch>`, `EXEC`: a 1 ms epoch key whose expiry
+        /// time is a server-clock floor.
+        MultiEpoch,
+    }
     type BoxFut = Pin<Box<dyn Future<Output = ()> + Send>>;
     type Cycle = Arc<dyn Fn(usize) -> BoxFut + Send + Sync>;
 
@@ -101,7 +139,12 @@ return 0
             let plain =
                 LockManager::redis_with(redis.clone(), LockConfig::default().fencing(false))
                     .unwrap();
-            let fenced = LockManager::redis_with(redis, LockConfig::default()).unwrap();
+            let fenced = LockManager::redis_with(redis.clone(), LockConfig::default()).unwrap();
+            let counter = LockManager::redis_with(
+                redis,
+                LockConfig::default().fencing(raceguard::lock::Fencing::Counter),
+            )
+            .unwrap();
             let rslock = rslock::LockManager::new(vec![server.url().to_owned()]);
             let conn = server
                 .client()
@@ -143,6 +186,97 @@ return 0
                     rs.unlock(&l).await;
                 })
             });
+            let set_incr = Arc::new(redis::Script::new(SET_INCR));
+            let alternative = |alt: Alternative, prefix: &str| -> Cycle {
+                let (conn, names, unlock, serial, set_incr) = (
+                    conn.clone(),
+                    raw(prefix),
+                    unlock.clone(),
+                    serial.clone(),
+                    set_incr.clone(),
+                );
+                Arc::new(move |t| {
+                    let (mut conn, names, unlock, serial, set_incr) = (
+                        conn.clone(),
+                        names.clone(),
+                        unlock.clone(),
+                        serial.clone(),
+                        set_incr.clone(),
+                    );
+                    Box::pin(async move {
+                        let key = &names[t];
+                        let fence = format!("{key}:fence");
+                        let token = serial.fetch_add(1, Ordering::Relaxed);
+                        let ttl = TTL.as_millis() as u64;
+                        if let Alternative::SetIncrScript = alt {
+                            let n: i64 = set_incr
+                                .key(key)
+                                .key(&fence)
+                                .arg(token)
+                                .arg(ttl)
+                                .invoke_async(&mut conn)
+                                .await
+                                .unwrap();
+                            assert!(n > 0);
+                        } else {
+                            let mut p = redis::pipe();
+                            p.atomic();
+                            p.cmd("SET")
+                                .arg(key)
+                                .arg(token)
+                                .arg("NX")
+                                .arg("PX")
+                                .arg(ttl);
+                            match alt {
+                                Alternative::MultiIncrTime => {
+                                    p.cmd("INCR").arg(&fence);
+                                    p.cmd("TIME");
+                                }
+                                Alternative::MultiXadd => {
+                                    p.cmd("XADD").arg(&fence).arg("MAXLEN").arg("~").arg(1);
+                                    p.arg("*").arg("f").arg(1);
+                                }
+                                Alternative::MultiEpoch => {
+                                    p.cmd("SET").arg(&fence).arg(0).arg("NX").arg("PX").arg(1);
+                                    p.cmd("INCR").arg(&fence);
+                                    p.cmd("PEXPIRETIME").arg(&fence);
+                                }
+                                Alternative::SetIncrScript => unreachable!(),
+                            }
+                            let v: Vec<redis::Value> = p.query_async(&mut conn).await.unwrap();
+                            assert!(matches!(v[0], redis::Value::Okay), "{v:?}");
+                        }
+                        let n: i64 = unlock
+                            .key(key)
+                            .arg(token)
+                            .invoke_async(&mut conn)
+                            .await
+                            .unwrap();
+                        assert_eq!(n, 1);
+                    })
+                })
+            };
+            let alternatives: Vec<(&'static str, Cycle)> =
+                if std::env::var_os("RACEGUARD_LOCK_ALTERNATIVES").is_some() {
+                    vec![
+                        (
+                            "alt_set_incr_script",
+                            alternative(Alternative::SetIncrScript, "a1"),
+                        ),
+                        (
+                            "alt_multi_incr_time",
+                            alternative(Alternative::MultiIncrTime, "a2"),
+                        ),
+                        ("alt_multi_xadd", alternative(Alternative::MultiXadd, "a3")),
+                        (
+                            "alt_multi_epoch",
+                            alternative(Alternative::MultiEpoch, "a4"),
+                        ),
+                    ]
+                } else {
+                    Vec::new()
+                };
+            let counter_names = names.clone();
             let hand_cycle: Cycle = Arc::new(move |t| {
                 let (mut conn, names, unlock, serial) = (
                     conn.clone(),
@@ -172,12 +306,15 @@ return 0
                     assert_eq!(n, 1);
                 })
             });
-            vec![
+            let mut all = vec![
                 ("raceguard", lock_cycle(plain, names.clone())),
-                ("raceguard_fenced", lock_cycle(fenced, names)),
+                ("raceguard_fenced", lock_cycle(fenced, names.clone())),
                 ("rslock", rslock_cycle),
                 ("hand_written", hand_cycle),
-            ]
+                ("raceguard_counter", lock_cycle(counter, counter_names)),
+            ];
+            all.extend(alternatives);
+            all
         })
     }
 
