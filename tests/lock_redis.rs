@@ -120,9 +120,9 @@ async fn single_mutual_exclusion_under_load() {
     );
 }
 
-/// The same load with [`Fencing::Counter`]: the `MULTI`/`EXEC` acquire
-/// excludes as the script does, and every attempt (granted or refused)
-/// moved the counter up.
+/// The same load with [`Fencing::Counter`]: the counter acquire excludes
+/// as the clock-floored one does, counts once per granted acquire, and
+/// reads the server clock only once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_mutual_exclusion_under_load_with_counter_fencing() {
     let Some(server) = RedisServer::start_or_skip() else {
@@ -153,8 +153,13 @@ async fn single_mutual_exclusion_under_load_with_counter_fencing() {
             .and_then(|rest| rest.split(',').next()?.parse().ok())
             .unwrap_or(0)
     };
-    // One transaction per attempt, at least one per critical section ...
-    assert!(calls("exec") >= (TASKS * SECTIONS) as u64, "{stats}");
+    // One Function call per attempt and per release: at least two per
+    // critical section, none by EVALSHA ...
+    let sections = (TASKS * SECTIONS) as u64;
+    assert!(calls("fcall") >= 2 * sections, "{stats}");
+    assert_eq!(calls("evalsha"), 0, "{stats}");
+    // ... one INCR per granted acquire (a refused one does not count) ...
+    assert_eq!(calls("incr"), sections, "{stats}");
     // ... and the server clock read once: by the first acquire, which found
     // no counter. Every other token was a plain INCR.
     assert_eq!(calls("time"), 1, "{stats}");
