@@ -7,12 +7,13 @@
 //! its own (one shared multiplexed connection each):
 //!
 //! - `raceguard`: `try_acquire` + `release`, fencing off (`SET NX PX`, then
-//!   the compare-and-delete script);
+//!   the compare-and-delete script; raceguard runs its scripts as Redis
+//!   Functions, `FCALL`);
 //! - `raceguard_fenced`: fencing on, the default [`Fencing::ServerClock`]
 //!   (the acquire script: `SET NX PX` + `INCR` of the fencing counter +
 //!   `TIME`);
-//! - `raceguard_counter`: [`Fencing::Counter`] (`MULTI`, `SET NX PX`,
-//!   `INCR`, `EXEC`: no script on acquire);
+//! - `raceguard_counter`: [`Fencing::Counter`] (the acquire script without
+//!   the clock read: `SET NX PX` + `INCR`);
 //! - `rslock`: rslock 0.10 (`lock` + `unlock`, one node);
 //! - `hand_written`: the two commands by hand with the `redis` crate,
 //!   `SET NX PX` then an EVALSHA compare-and-delete, on one
@@ -71,6 +72,13 @@ mod real {
     const TTL: Duration = Duration::from_secs(30);
     const ROUNDS: usize = 7;
 
+    fn rounds() -> usize {
+        std::env::var("RACEGUARD_LOCK_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(ROUNDS)
+    }
+
     const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -92,6 +100,9 @@ return -1
     /// `redis` crate and followed by the same compare-and-delete script.
     #[derive(Clone, Copy)]
     enum Alternative {
+        /// `MULTI`, `SET NX PX`, `INCR`, `EXEC` (what `Fencing::Counter`
+        /// sent before it became a Function).
+        MultiIncr,
         /// `EVALSHA` of `SET NX PX` + `INCR` (no clock floor).
         SetIncrScript,
         /// `MULTI`, `SET NX PX`, `INCR`, `TIME`, `EXEC` (the clock read
@@ -105,7 +116,30 @@ return -1
         /// `PEXPIRETIME <epoch>`, `EXEC`: a 1 ms epoch key whose expiry
         /// time is a server-clock floor.
         MultiEpoch,
+        /// `SET NX PX`, then the compare-and-delete as a Redis Function
+        /// (`FCALL`) instead of `EVALSHA`.
+        FcallPair,
+        /// `MultiIncr`, with the `FCALL` release.
+        FcallMultiIncr,
+        /// `SET NX PX` + `INCR` as a Function, with the `FCALL` release.
+        FcallSetIncr,
     }
+
+    /// The Functions library of the `Fcall*` alternatives.
+    const FUNCTIONS: &str = r#"#!lua name=rgbench
+redis.register_function('rgb_unlock', function(keys, args)
+  if redis.call('GET', keys[1]) == args[1] then
+    return redis.call('DEL', keys[1])
+  end
+  return 0
+end)
+redis.register_function('rgb_set_incr', function(keys, args)
+  if redis.call('SET', keys[1], args[1], 'NX', 'PX', args[2]) then
+    return redis.call('INCR', keys[2])
+  end
+  return -1
+end)
+"#;
     type BoxFut = Pin<Box<dyn Future<Output = ()> + Send>>;
     type Cycle = Arc<dyn Fn(usize) -> BoxFut + Send + Sync>;
 
@@ -208,7 +242,30 @@ return -1
                         let fence = format!("{key}:fence");
                         let token = serial.fetch_add(1, Ordering::Relaxed);
                         let ttl = TTL.as_millis() as u64;
-                        if let Alternative::SetIncrScript = alt {
+                        if let Alternative::FcallSetIncr = alt {
+                            let n: i64 = redis::cmd("FCALL")
+                                .arg("rgb_set_incr")
+                                .arg(2)
+                                .arg(key)
+                                .arg(&fence)
+                                .arg(token)
+                                .arg(ttl)
+                                .query_async(&mut conn)
+                                .await
+                                .unwrap();
+                            assert!(n > 0);
+                        } else if let Alternative::FcallPair = alt {
+                            let ok: Option<String> = redis::cmd("SET")
+                                .arg(key)
+                                .arg(token)
+                                .arg("NX")
+                                .arg("PX")
+                                .arg(ttl)
+                                .query_async(&mut conn)
+                                .await
+                                .unwrap();
+                            assert!(ok.is_some());
+                        } else if let Alternative::SetIncrScript = alt {
                             let n: i64 = set_incr
                                 .key(key)
                                 .key(&fence)
@@ -228,6 +285,9 @@ return -1
                                 .arg("PX")
                                 .arg(ttl);
                             match alt {
+                                Alternative::MultiIncr | Alternative::FcallMultiIncr => {
+                                    p.cmd("INCR").arg(&fence);
+                                }
                                 Alternative::MultiIncrTime => {
                                     p.cmd("INCR").arg(&fence);
                                     p.cmd("TIME");
@@ -241,24 +301,58 @@ return -1
                                     p.cmd("INCR").arg(&fence);
                                     p.cmd("PEXPIRETIME").arg(&fence);
                                 }
-                                Alternative::SetIncrScript => unreachable!(),
+                                _ => unreachable!(),
                             }
                             let v: Vec<redis::Value> = p.query_async(&mut conn).await.unwrap();
                             assert!(matches!(v[0], redis::Value::Okay), "{v:?}");
                         }
-                        let n: i64 = unlock
-                            .key(key)
-                            .arg(token)
-                            .invoke_async(&mut conn)
-                            .await
-                            .unwrap();
+                        let n: i64 = if matches!(
+                            alt,
+                            Alternative::FcallPair
+                                | Alternative::FcallMultiIncr
+                                | Alternative::FcallSetIncr
+                        ) {
+                            redis::cmd("FCALL")
+                                .arg("rgb_unlock")
+                                .arg(1)
+                                .arg(key)
+                                .arg(token)
+                                .query_async(&mut conn)
+                                .await
+                                .unwrap()
+                        } else {
+                            unlock
+                                .key(key)
+                                .arg(token)
+                                .invoke_async(&mut conn)
+                                .await
+                                .unwrap()
+                        };
                         assert_eq!(n, 1);
                     })
                 })
             };
             let alternatives: Vec<(&'static str, Cycle)> =
                 if std::env::var_os("RACEGUARD_LOCK_ALTERNATIVES").is_some() {
+                    let mut c = conn.clone();
+                    let _: String = redis::cmd("FUNCTION")
+                        .arg("LOAD")
+                        .arg("REPLACE")
+                        .arg(FUNCTIONS)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
                     vec![
+                        ("alt_multi_incr", alternative(Alternative::MultiIncr, "a0")),
+                        ("alt_fcall_pair", alternative(Alternative::FcallPair, "a5")),
+                        (
+                            "alt_fcall_multi_incr",
+                            alternative(Alternative::FcallMultiIncr, "a6"),
+                        ),
+                        (
+                            "alt_fcall_set_incr",
+                            alternative(Alternative::FcallSetIncr, "a7"),
+                        ),
                         (
                             "alt_set_incr_script",
                             alternative(Alternative::SetIncrScript, "a1"),
@@ -314,6 +408,12 @@ return -1
                 ("raceguard_counter", lock_cycle(counter, counter_names)),
             ];
             all.extend(alternatives);
+            // `RACEGUARD_LOCK_ONLY=a,b`: only these contenders (hand_written
+            // and rslock always run: the ratios are against them).
+            if let Ok(only) = std::env::var("RACEGUARD_LOCK_ONLY") {
+                let keep: Vec<&str> = only.split(',').collect();
+                all.retain(|(n, _)| *n == "hand_written" || *n == "rslock" || keep.contains(n));
+            }
             all
         })
     }
@@ -376,12 +476,12 @@ return -1
         }
 
         // 2. interleaved rounds, with the CPU each cycle costs.
-        println!("\ninterleaved rounds ({ROUNDS} rounds; medians):");
+        println!("\ninterleaved rounds ({} rounds; medians):", rounds());
         for (label, tasks, cycles) in [("1 task", 1u64, 3_000u64), ("64 tasks", TASKS, 40_000)] {
             let mut rates: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
             let mut client_cpu: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
             let mut server_cpu: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
-            for _ in 0..ROUNDS {
+            for _ in 0..rounds() {
                 for (i, (_, cycle)) in all.iter().enumerate() {
                     let (c0, s0) = (own_cpu(), server_cpu_secs(&server));
                     let took = rt.block_on(run(cycles, tasks, cycle.clone()));
@@ -398,8 +498,9 @@ return -1
             let rate: Vec<f64> = rates.iter_mut().map(median).collect();
             let ccpu: Vec<f64> = client_cpu.iter_mut().map(median).collect();
             let scpu: Vec<f64> = server_cpu.iter_mut().map(median).collect();
-            let (hand, rs) = (rate[3], rate[2]);
-            let hand_cpu = ccpu[3] + scpu[3];
+            let at = |name: &str| all.iter().position(|(n, _)| *n == name).unwrap();
+            let (hand, rs) = (rate[at("hand_written")], rate[at("rslock")]);
+            let hand_cpu = ccpu[at("hand_written")] + scpu[at("hand_written")];
             println!("  {label}:");
             for (i, (name, _)) in all.iter().enumerate() {
                 let cpu = ccpu[i] + scpu[i];
