@@ -755,6 +755,98 @@ async fn redlock_mutual_exclusion_under_load() {
     );
 }
 
+/// Small and odd inputs on Redlock: no nodes, a TTL inside the drift
+/// allowance, a zero deadline, a name full of metacharacters. Typed errors or
+/// correct behaviour, and no key left on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redlock_small_and_odd_inputs() {
+    let Some(servers) = RedisServers::start_or_skip(3) else {
+        return;
+    };
+    let none = LockManager::redlock_with(Vec::new(), lock_config());
+    assert!(
+        matches!(&none, Err(Error::InvalidInput { what, .. }) if *what == "lock.nodes"),
+        "{:?}",
+        none.map(|_| ())
+    );
+    let (locks, _nodes) = redlock_over(&servers).await;
+    let lock = name("odd");
+
+    // 1 ms is all drift (1% + 2 ms): refused before anything is sent.
+    let err = locks
+        .acquire(&lock, LockOptions::new(Duration::from_millis(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let err = locks
+        .try_acquire(&lock, LockOptions::new(Duration::from_micros(10)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(
+        keys_on(&servers, &lock_key(&lock))
+            .iter()
+            .all(Option::is_none)
+    );
+
+    // 3 ms leaves under a millisecond after drift: acquired, or a typed
+    // failure when three round trips ate it. Never a panic, never a key left
+    // behind once released.
+    match locks
+        .try_acquire(&lock, LockOptions::new(Duration::from_millis(3)))
+        .await
+    {
+        Ok(g) => {
+            let _ = g.release().await.unwrap();
+        }
+        Err(e) => assert!(
+            matches!(
+                e,
+                Error::Timeout { .. } | Error::LockBusy { .. } | Error::QuorumNotReached { .. }
+            ),
+            "unexpected {e}"
+        ),
+    }
+
+    // Zero deadline: one attempt, a typed busy error while another holds it.
+    let held = locks
+        .try_acquire(&lock, LockOptions::new(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let err = locks
+        .acquire(&lock, LockOptions::default().wait(Duration::ZERO))
+        .await
+        .unwrap_err();
+    // Every node answered "held": busy, not a quorum failure.
+    assert!(matches!(err, Error::LockBusy { .. }), "{err}");
+    assert!(held.release().await.unwrap());
+    assert!(
+        keys_on(&servers, &lock_key(&lock))
+            .iter()
+            .all(Option::is_none)
+    );
+
+    // A name full of metacharacters stays one escaped key on each node.
+    let weird = name("*}:{lock:other");
+    let g = locks
+        .try_acquire(&weird, LockOptions::default())
+        .await
+        .unwrap();
+    // Acquire returns at quorum (2 of 3): the third SET may still be in
+    // flight, or dropped unsent.
+    let holding = keys_on(&servers, &lock_key(&weird))
+        .iter()
+        .filter(|k| k.is_some())
+        .count();
+    assert!(holding >= 2, "{holding} of 3 nodes hold the escaped key");
+    assert!(g.release().await.unwrap());
+    assert!(
+        keys_on(&servers, &lock_key(&weird))
+            .iter()
+            .all(Option::is_none)
+    );
+}
+
 /// Redlock refuses [`Fencing::Counter`], in the config and per
 /// acquisition, with a typed error: independent nodes' counters drift apart
 /// (a node that was down misses increments), so the largest counter of one
